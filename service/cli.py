@@ -1,0 +1,208 @@
+"""The ``erc`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from service.data import DataError, load_split
+from service.labels import DATASET_LABEL_SET, LABEL_SETS, SPEAKER_LABEL_SETS
+from service.retrieval import RetrievalError
+from service.settings import get_settings
+
+app = typer.Typer(help="InstructERC emotion recognition in conversation.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
+index_app = typer.Typer(help="Demonstration indexes.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(index_app, name="index")
+
+
+class Dataset(str, Enum):
+    meld = "meld"
+    iemocap = "iemocap"
+    emorynlp = "emorynlp"
+
+
+class EvalDataset(str, Enum):
+    meld = "meld"
+    iemocap = "iemocap"
+    emorynlp = "emorynlp"
+    dailydialog = "dailydialog"
+
+
+class Source(str, Enum):
+    cosmic = "cosmic"
+    csv = "csv"
+
+
+class SplitName(str, Enum):
+    train = "train"
+    valid = "valid"
+    test = "test"
+
+
+class Task(str, Enum):
+    erc = "erc"
+    speaker = "speaker"
+    prediction = "prediction"
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def _default_source(dataset: str) -> str:
+    # The CSVs are the datasets' own (and MELD's can be fetched); IEMOCAP exists only as COSMIC.
+    return "cosmic" if dataset == "iemocap" else "csv"
+
+
+@data_app.command("fetch")
+def data_fetch() -> None:
+    """Download the public MELD CSVs into ERC_DATA_DIR (skipping files already there)."""
+    from service.fetch import fetch_meld
+
+    try:
+        for line in fetch_meld(get_settings().data_dir):
+            typer.echo(line)
+    except DataError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def prompt(
+    dataset: Annotated[Dataset, typer.Option(help="Dataset.")],
+    dialogue: Annotated[str, typer.Option(help="Dialogue id (the key in the *.pkl.json).")],
+    turn: Annotated[int, typer.Option(help="0-based turn of the utterance to classify.")],
+    source: Annotated[Source, typer.Option(help="cosmic: the InstructERC split JSON.")] = Source.cosmic,
+    split: Annotated[SplitName, typer.Option(help="Split holding the dialogue.")] = SplitName.test,
+    task: Annotated[Task, typer.Option(help="erc, speaker, or prediction (full training input).")] = Task.erc,
+    window: Annotated[int, typer.Option(min=0, help="History turns before the target.")] = 12,
+    demonstrations: Annotated[bool, typer.Option(help="Add retrieved demonstrations.")] = True,
+    k: Annotated[Optional[int], typer.Option(min=0, help="Demonstrations (default ERC_DEMONSTRATIONS_K).")] = None,
+) -> None:
+    """Print exactly the prompt for one utterance (nothing else on stdout)."""
+    from service import templates
+
+    settings = get_settings()
+    try:
+        dialogues = {d.id: d for d in load_split(settings.data_dir, dataset.value, split.value, source.value)}
+    except DataError as exc:
+        raise _fail(str(exc)) from None
+    if dialogue not in dialogues:
+        raise _fail(f"no dialogue {dialogue!r} in {dataset.value} {split.value} ({source.value})")
+    conv = dialogues[dialogue]
+    if not 0 <= turn < len(conv.turns):
+        raise _fail(f"--turn {turn} outside 0..{len(conv.turns) - 1} for dialogue {dialogue!r}")
+    labels = LABEL_SETS[dataset.value]
+    if task is Task.speaker:
+        text = templates.speaker_prompt(conv.turns[turn].text, SPEAKER_LABEL_SETS[dataset.value])
+    else:
+        shown: list[templates.Shown] = []
+        k = settings.demonstrations_k if k is None else k
+        if demonstrations and k > 0:
+            try:
+                index = _load_index(dataset.value)
+            except RetrievalError as exc:
+                raise _fail(f"{exc} (or pass --no-demonstrations)") from None
+            own = dialogue if index.manifest["split"] == split.value else None
+            found = index.search([conv.turns[turn].text], k, [own])[0]
+            shown = [templates.Shown(d.text, d.label) for d in found]
+        render = templates.erc_prompt if task is Task.erc else templates.prediction_training_input
+        text = render(conv, turn, labels, window, shown)
+    sys.stdout.write(text + "\n")
+
+
+def _load_index(name: str):
+    from service.retrieval import DemonstrationIndex, Encoder
+
+    settings = get_settings()
+    return DemonstrationIndex(settings.index_root / name, Encoder(settings.encoder_dir, settings.encoder_batch_size))
+
+
+@index_app.command("build")
+def index_build(
+    dataset: Annotated[Dataset, typer.Option(help="Dataset whose utterances form the pool.")],
+    source: Annotated[Optional[Source], typer.Option(help="Default: csv (IEMOCAP: cosmic).")] = None,
+    split: Annotated[SplitName, typer.Option(help="Split to embed.")] = SplitName.train,
+    name: Annotated[Optional[str], typer.Option(help="Index name (default: the dataset).")] = None,
+) -> None:
+    """Embed a split and write index/<name>/ (FAISS index, pool, manifest)."""
+    from service.data import data_file, sha256_file
+    from service.retrieval import Encoder, build_index
+
+    settings = get_settings()
+    src = source.value if source else _default_source(dataset.value)
+    try:
+        dialogues = load_split(settings.data_dir, dataset.value, split.value, src)
+    except DataError as exc:
+        raise _fail(str(exc)) from None
+    path = data_file(settings.data_dir, dataset.value, src, split.value)
+    encoder = Encoder(settings.encoder_dir, settings.encoder_batch_size)
+    out = settings.index_root / (name or dataset.value)
+    manifest = build_index(
+        dialogues, encoder, out, dataset=dataset.value, split=split.value, source=src,
+        data_checksum=f"sha256:{sha256_file(path)}",
+    )
+    typer.echo(f"wrote {out}: {manifest['count']} utterances from {manifest['dialogues']} dialogues")
+
+
+@app.command()
+def baseline(
+    dataset: Annotated[EvalDataset, typer.Option(help="Dataset to score.")] = EvalDataset.meld,
+    split: Annotated[SplitName, typer.Option(help="Split to score.")] = SplitName.test,
+    k: Annotated[int, typer.Option(min=1, help="Neighbours that vote.")] = 10,
+    index: Annotated[Optional[str], typer.Option(help="Index name (default: the label set's dataset).")] = None,
+    source: Annotated[Optional[Source], typer.Option(help="Default: csv (IEMOCAP: cosmic).")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Also write the figures as JSON here.")] = None,
+) -> None:
+    """Retrieval-only baseline: each utterance takes the majority label of its k nearest pool
+    utterances (own dialogue excluded). Prints weighted F1, accuracy and the majority class."""
+    from service.evaluation import majority_baseline, scores
+    from service.retrieval import vote
+
+    settings = get_settings()
+    label_set = DATASET_LABEL_SET[dataset.value]
+    src = source.value if source else _default_source(dataset.value)
+    try:
+        dialogues = load_split(settings.data_dir, dataset.value, split.value, src)
+        idx = _load_index(index or label_set)
+    except (DataError, RetrievalError) as exc:
+        raise _fail(str(exc)) from None
+    if idx.manifest["dataset"] != label_set and index is None:
+        raise _fail(f"index {idx.folder} holds {idx.manifest['dataset']}, not {label_set}")
+    own_split = idx.manifest["split"] == split.value and idx.manifest["dataset"] == dataset.value
+    texts, gold, own = [], [], []
+    for d in dialogues:
+        for t in d.turns:
+            texts.append(t.text)
+            gold.append(t.label)
+            own.append(d.id if own_split else None)
+    neighbours = idx.search(texts, k, own)
+    predicted = [vote(n) for n in neighbours]
+    labels = LABEL_SETS[label_set]
+    result = scores(gold, predicted, labels)
+    pool_labels = [p.label for p in idx.pool]
+    report = {
+        "dataset": dataset.value, "split": split.value, "source": src, "k": k,
+        "index": str(idx.folder), "count": result["count"],
+        "weighted_f1": round(result["weighted_f1"], 2), "accuracy": round(result["accuracy"], 2),
+        "majority_weighted_f1": round(majority_baseline(pool_labels, gold, labels), 2),
+    }
+    if output:
+        output.write_text(json.dumps({**report, "scores": result}, indent=2) + "\n")
+    for key, value in report.items():
+        typer.echo(f"{key}: {value}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

