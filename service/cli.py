@@ -200,6 +200,41 @@ def baseline(
         typer.echo(f"{key}: {value}")
 
 
+weights_app = typer.Typer(help="Model weights.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("build")
+def weights_build(force: Annotated[bool, typer.Option(help="Rebuild folders already built.")] = False) -> None:
+    """Convert the embedded SmolLM2 GGUF into weights/base/ and merge every committed adapter
+    (weights/adapters/<name>/) into weights/<name>/."""
+    from service.weights import WeightsError, build_all
+
+    try:
+        for line in build_all(get_settings().weights_root, force=force):
+            typer.echo(line)
+    except WeightsError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default ERC_HOST).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default ERC_PORT).")] = None,
+) -> None:
+    """Serve the HTTP API under uvicorn (one process, one engine)."""
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run(
+        "service.api:create_app",
+        factory=True,
+        host=host or settings.host,
+        port=port or settings.port,
+        timeout_graceful_shutdown=30,
+    )
+
+
 def main() -> None:
     app()
 

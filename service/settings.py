@@ -37,7 +37,52 @@ class Settings(BaseSettings):
     demonstrations_k: int = Field(default=3, ge=0, le=32)
 
     # --- prompts ------------------------------------------------------------------------------
-    window: int = Field(default=12, ge=0, description="History turns before the target.")
+    window: int = Field(default=12, ge=0, description="History turns before the target (CLI).")
+
+    # --- model and engine ---------------------------------------------------------------------
+    model_dir: Path | None = Field(
+        default=None,
+        description="Servable model folder (with erc.json); default: the committed adapter "
+        "merged under weights/, else weights/base (the embedded SmolLM2).",
+    )
+    dtype: str = Field(
+        default="bfloat16",
+        description="Engine dtype. bfloat16 is ~3x faster than float32 on this CPU (AMX) and "
+        "halves the KV cache; it is not batch-invariant (near-tie labels may differ between a "
+        "batch and a single request). float32 for bit-stable results.",
+    )
+    max_model_len: int = Field(default=4096, ge=256)
+    kv_cache_gib: int = Field(
+        default=2, ge=1, description="CPU: KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    block_size: int | None = Field(
+        default=None,
+        description="KV block size; default 32 on CPU (its default of 128 tokens defeats the "
+        "prefix cache on ~200-token prompts), the engine's default on GPU.",
+    )
+    max_num_seqs: int = Field(default=256, ge=1, description="Sequences per engine step.")
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    enforce_eager: bool | None = Field(
+        default=None, description="Skip graph capture; default: on CPU yes (starts ~2x faster)."
+    )
+    decoding: str = Field(
+        default="auto",
+        pattern="^(auto|first_token|score)$",
+        description="first_token: one decode step over the labels' first tokens (needs them "
+        "distinct); score: every label's full continuation scored; auto: first_token when possible.",
+    )
+
+    # --- request limits -------------------------------------------------------------------------
+    max_turns: int = Field(default=200, ge=1, description="Turns per dialogue.")
+    max_text_chars: int = Field(default=2000, ge=1, description="Characters per utterance.")
+    max_speaker_chars: int = Field(default=100, ge=1, description="Characters per speaker name.")
+    max_dialogues: int = Field(default=64, ge=1, description="Dialogues per /predict_dialogue.")
+    max_batch_turns: int = Field(default=2000, ge=1, description="Turns per /predict_dialogue.")
+
+    # --- server -----------------------------------------------------------------------------------
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=1, le=65535)
 
 
 @lru_cache

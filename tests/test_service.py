@@ -1,0 +1,177 @@
+"""The real service: vLLM engine on the embedded model, MiniLM encoder, MELD index (one engine
+for the whole test session)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.api import create_app
+from service.data import Dialogue, Turn, load_split
+from service.labels import LABEL_SETS
+from service.templates import Shown, erc_prompt
+from tests.conftest import require
+
+MELD = LABEL_SETS["meld"]
+
+
+@pytest.fixture(scope="session")
+def live(settings):
+    require(settings.weights_root / "base" / "erc.json", "run `erc weights build`")
+    require(settings.index_root / "meld" / "manifest.json", "run `erc index build --dataset meld`")
+    statuses = []
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            status = client.get("/ready").status_code
+            statuses.append(status)
+            if status == 200:
+                break
+            health = client.get("/health")
+            assert health.status_code == 200, health.text
+            time.sleep(0.5)
+        client.ready_statuses = statuses
+        yield client
+
+
+@pytest.fixture(scope="session")
+def meld_dialogues(data_dir):
+    return load_split(data_dir, "meld", "test", "csv")[:4]
+
+
+def _api(d: Dialogue) -> dict:
+    return {"id": d.id, "turns": [{"speaker": t.speaker, "text": t.text} for t in d.turns]}
+
+
+def _check_distribution(prediction: dict, labels=MELD) -> None:
+    assert set(prediction["scores"]) == set(labels)
+    assert sum(prediction["scores"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert all(0 <= p <= 1 for p in prediction["scores"].values())
+    assert prediction["label"] == max(prediction["scores"], key=prediction["scores"].get)
+
+
+def test_ready_flips_from_503_to_200(live):
+    assert live.ready_statuses[0] == 503 and live.ready_statuses[-1] == 200
+    assert live.get("/health").json()["status"] == "ok"
+
+
+def test_predict_on_real_meld_dialogues(live, meld_dialogues):
+    for d in meld_dialogues:
+        body = live.post("/predict", json={"dialogue": _api(d)})
+        assert body.status_code == 200, body.text
+        body = body.json()
+        assert body["target"] == len(d.turns) - 1 and body["id"] == d.id and body["label_set"] == "meld"
+        _check_distribution(body)
+
+
+def test_predict_dialogue_labels_every_utterance_and_agrees_with_predict(live, meld_dialogues):
+    response = live.post("/predict_dialogue", json={"dialogues": [_api(d) for d in meld_dialogues[:2]]})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["id"] for r in results] == [d.id for d in meld_dialogues[:2]]
+    for d, result in zip(meld_dialogues[:2], results):
+        assert len(result["predictions"]) == len(d.turns)
+        for turn, batched in enumerate(result["predictions"]):
+            _check_distribution(batched)
+            single = live.post("/predict", json={"dialogue": _api(d), "target": turn}).json()
+            for label in MELD:
+                assert single["scores"][label] == pytest.approx(batched["scores"][label], abs=0.02)
+            # bf16 kernels are not batch-invariant: scores move by ~0.01 with the batch's
+            # composition, so only a near-tie (top two within 0.02) may flip the label.
+            top, second = sorted(batched["scores"].values(), reverse=True)[:2]
+            if top - second > 0.02:
+                assert single["label"] == batched["label"], (turn, single["scores"], batched["scores"])
+
+
+def test_debug_returns_the_rendered_prompt_and_demonstrations(live, meld_dialogues):
+    d = meld_dialogues[0]
+    body = live.post("/predict", json={"dialogue": _api(d), "target": 1, "debug": True}).json()
+    demos = body["demonstrations"]
+    assert len(demos) == 3 and all(demo["label"] in MELD for demo in demos)
+    assert [x["score"] for x in demos] == sorted((x["score"] for x in demos), reverse=True)
+    shown = [Shown(x["text"], x["label"]) for x in demos]
+    assert body["prompt"] == erc_prompt(Dialogue(d.id, tuple(Turn(t.speaker, t.text) for t in d.turns)), 1, MELD, 12, shown)
+
+
+def test_other_label_set_is_served_without_foreign_demonstrations(live, meld_dialogues):
+    body = live.post("/predict", json={"dialogue": _api(meld_dialogues[0]), "label_set": "iemocap", "debug": True}).json()
+    _check_distribution(body, LABEL_SETS["iemocap"])
+    assert body["demonstrations"] == [] and "Similar utterances" not in body["prompt"]
+    assert body["prompt"].endswith("from <happy, sad, neutral, angry, excited, frustrated>:")
+
+
+def test_general_scoring_path_matches_transformers(live, settings):
+    """Labels whose first tokens collide take the scoring path; check it against a plain
+    transformers forward pass on the same checkpoint (the engine runs bf16, hence the margin)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    engine = live.app.state.service.engine
+    labels = ("sad", "sad face", "joyful")
+    codec = engine.codec(labels)
+    assert codec.first_tokens is None  # " sad" opens both " sad" and " sad face"
+    prompt = erc_prompt(Dialogue("x", (Turn("a", "My dog died this morning."),)), 0, labels)
+    [got] = live.portal.call(engine.classify, [prompt], labels)
+    assert sum(got) == pytest.approx(1.0)
+
+    folder = str(settings.weights_root / "base")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    totals = []
+    for continuation in codec.continuations:
+        ids = torch.tensor([prompt_ids + list(continuation)])
+        with torch.no_grad():
+            logprobs = model(ids).logits[0].log_softmax(-1)
+        totals.append(sum(logprobs[len(prompt_ids) - 1 + i, tok].item() for i, tok in enumerate(continuation)))
+    top = max(totals)
+    expected = [math.exp(t - top) / sum(math.exp(u - top) for u in totals) for t in totals]
+    assert got == pytest.approx(expected, abs=0.1)
+
+
+def test_prompt_over_the_model_length_is_a_clear_422(live):
+    turns = [{"speaker": f"S{i % 2}", "text": "word " * 399} for i in range(13)]
+    response = live.post("/predict", json={"dialogue": {"turns": turns}})
+    assert response.status_code == 422
+    assert "exceeds the model's limit" in response.json()["detail"][0]["msg"]
+    assert live.get("/health").status_code == 200
+
+
+def test_bad_input_on_the_real_service_and_it_stays_up(live):
+    assert live.post("/predict", json={"dialogue": {"turns": []}}).status_code == 422
+    assert live.post("/predict", json={"dialogue": {"turns": [{"speaker": "a", "text": "hi"}]}, "target": 3}).status_code == 422
+    assert live.post("/predict_dialogue", content=b"not json", headers={"content-type": "application/json"}).status_code == 422
+    assert live.get("/ready").status_code == 200
+
+
+def _samples(client) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _total(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and all((k, val) in ls for k, val in labels.items()))
+
+
+def test_metrics_move(live, meld_dialogues):
+    before = _samples(live)
+    live.post("/predict_dialogue", json={"dialogues": [_api(meld_dialogues[2])]})
+    after = _samples(live)
+    n = len(meld_dialogues[2].turns)
+    assert _total(after, "erc_http_requests_total", endpoint="/predict_dialogue", status="200") == _total(before, "erc_http_requests_total", endpoint="/predict_dialogue", status="200") + 1
+    assert _total(after, "erc_predictions_total") - _total(before, "erc_predictions_total") == n
+    assert _total(after, "erc_http_request_duration_seconds_count", endpoint="/predict_dialogue") > _total(before, "erc_http_request_duration_seconds_count", endpoint="/predict_dialogue")
+    assert _total(after, "erc_retrieval_duration_seconds_count") > _total(before, "erc_retrieval_duration_seconds_count")
+    assert _total(after, "erc_prefix_cache_queried_tokens_total") > _total(before, "erc_prefix_cache_queried_tokens_total")
+    assert _total(after, "erc_engine_batch_size_count") > _total(before, "erc_engine_batch_size_count")
+    # Utterances of one dialogue share their history: some prompt tokens come from the cache.
+    assert _total(after, "erc_prefix_cache_hit_tokens_total") > _total(before, "erc_prefix_cache_hit_tokens_total")
+    assert 0 < _total(after, "erc_prefix_cache_hit_rate") <= 1
+    assert _total(after, "erc_engine_alive") == 1
