@@ -38,14 +38,21 @@ class ServiceState:
     engine: Any = None
     error: str | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
+    #: Set on SIGTERM: new work gets 503 so the balancer retries it on another replica.
+    draining: bool = False
+    #: Prediction requests being served now.
+    inflight: int = 0
 
     @property
     def ready(self) -> bool:
-        return self.predictor is not None and not self.dead
+        return self.predictor is not None and not self.dead and not self.draining
 
     @property
     def dead(self) -> bool:
         return bool(self.engine is not None and getattr(self.engine, "dead", False))
+
+
+WORK_PATHS = frozenset({"/predict", "/predict_dialogue"})
 
 
 def ready_predictor(request: Request) -> Predictor:
@@ -126,8 +133,22 @@ def create_app(settings: Settings | None = None, loader: Loader = load_service) 
     async def observe(request: Request, call_next):
         start = time.perf_counter()
         status = 500
+        work = request.url.path in WORK_PATHS
         try:
-            response = await call_next(request)
+            if work and state.draining:
+                status = 503
+                return JSONResponse(
+                    status_code=503,
+                    content={"detail": "this replica is shutting down; retry on another"},
+                    headers={"Retry-After": "1", "Connection": "close"},
+                )
+            if work:
+                state.inflight += 1
+            try:
+                response = await call_next(request)
+            finally:
+                if work:
+                    state.inflight -= 1
             status = response.status_code
             return response
         finally:
@@ -172,7 +193,7 @@ def create_app(settings: Settings | None = None, loader: Loader = load_service) 
         """Readiness: 200 once engine, encoder and index are loaded."""
         if state.ready:
             return HealthResponse(status="ready")
-        status = "dead" if state.dead else "failed" if state.error else "loading"
+        status = "draining" if state.draining else "dead" if state.dead else "failed" if state.error else "loading"
         return JSONResponse(status_code=503, content={"status": status, "detail": state.error})
 
     @app.get("/metrics", include_in_schema=False)

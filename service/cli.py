@@ -222,17 +222,64 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="Bind address (default ERC_HOST).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (default ERC_PORT).")] = None,
 ) -> None:
-    """Serve the HTTP API under uvicorn (one process, one engine)."""
-    import uvicorn
+    """Serve the HTTP API under uvicorn (one process, one engine); SIGTERM drains gracefully."""
+    from service.server import serve as run_server
 
     settings = get_settings()
-    uvicorn.run(
-        "service.api:create_app",
-        factory=True,
-        host=host or settings.host,
-        port=port or settings.port,
-        timeout_graceful_shutdown=30,
-    )
+    run_server(settings, host or settings.host, port or settings.port)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option(help="training/configs/<name>.toml")],
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in runs/<name>/.")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for runs.")] = Path("runs"),
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N training dialogues (smoke runs).")] = None,
+) -> None:
+    """Train a LoRA adapter (InstructERC recipe) and keep the best dev checkpoint in runs/<name>/best."""
+    from training.run import run
+
+    summary = run(config, resume, get_settings(), out, limit)
+    typer.echo(f"best dev weighted F1 {summary['best_dev_weighted_f1']:.2f} after {summary['steps']} steps; adapter: {out / summary['config']['name'] / 'best'}")
+
+
+@app.command()
+def merge(
+    adapter: Annotated[Path, typer.Option(help="LoRA adapter folder (with erc.json).")],
+    out: Annotated[Path, typer.Option(help="Where to write the merged, servable checkpoint.")],
+    base: Annotated[Optional[Path], typer.Option(help="Base checkpoint (default: weights/base).")] = None,
+) -> None:
+    """Merge a LoRA adapter into its base (the same code as `erc weights build`)."""
+    from service.weights import build_all, merge_adapter
+
+    settings = get_settings()
+    base = base or settings.weights_root / "base"
+    if not (base / "config.json").is_file():
+        build_all(settings.weights_root)
+    typer.echo(f"merged {merge_adapter(base, adapter, out)}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Optional[Path], typer.Option(help="Servable model folder (default: the served default).")] = None,
+    dataset: Annotated[EvalDataset, typer.Option(help="Dataset.")] = EvalDataset.meld,
+    split: Annotated[SplitName, typer.Option(help="Split (select on valid, report test).")] = SplitName.test,
+    source: Annotated[Optional[Source], typer.Option(help="Default: csv (IEMOCAP: cosmic).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON reports and confusion-matrix PNGs.")] = Path("reports"),
+    out_of_domain: Annotated[bool, typer.Option(help="Also evaluate DailyDialog test (MELD models).")] = True,
+) -> None:
+    """Evaluate a model through the serving engine path; write JSON reports and confusion PNGs."""
+    from service.weights import default_model_dir
+    from training.evaluate import evaluate as run_evaluation
+
+    settings = get_settings()
+    model_dir = model or settings.model_dir or default_model_dir(settings.weights_root)
+    src = source.value if source else _default_source(dataset.value)
+    for report in run_evaluation(model_dir, dataset.value, split.value, src, settings, out, out_of_domain):
+        typer.echo(
+            f"{report['dataset']} {report['split']}: weighted F1 {report['weighted_f1']:.2f}, accuracy "
+            f"{report['accuracy']:.2f}, {report['count']} utterances in {report['wall_s']} s -> {', '.join(report['files'])}"
+        )
 
 
 def main() -> None:

@@ -98,20 +98,25 @@ class Predictor:
             and DATASET_LABEL_SET.get(self.index.manifest["dataset"]) == label_set
         )
 
-    async def _retrieve(self, items: Sequence[Item], label_set: str) -> list[list[Demonstration]]:
+    async def _retrieve(self, items: Sequence[Item], label_set: str, exclude_own: bool) -> list[list[Demonstration]]:
         if not self._retrieves_for(label_set):
             return [[] for _ in items]
         assert self.index is not None
         texts = [item.dialogue.turns[item.target].text for item in items]
+        own = [item.dialogue.id for item in items] if exclude_own else None
         start = time.perf_counter()
         # Embedding is CPU-bound: keep it off the event loop.
-        found = await asyncio.to_thread(self.index.search, texts, self.spec.demonstrations.k, None)
+        found = await asyncio.to_thread(self.index.search, texts, self.spec.demonstrations.k, own)
         metrics.RETRIEVAL_LATENCY.observe(time.perf_counter() - start)
         return found
 
-    async def run(self, items: Sequence[Item], label_set: str) -> list[tuple[Prediction, str, list[Demonstration]]]:
+    async def run(
+        self, items: Sequence[Item], label_set: str, exclude_own: bool = False
+    ) -> list[tuple[Prediction, str, list[Demonstration]]]:
+        """Classify ``items``; ``exclude_own`` keeps each item's own dialogue out of its
+        demonstrations (evaluating a split that is in the pool)."""
         labels = LABEL_SETS[label_set]
-        demonstrations = await self._retrieve(items, label_set)
+        demonstrations = await self._retrieve(items, label_set, exclude_own)
         prompts = [
             erc_prompt(item.dialogue, item.target, labels, self.spec.window, [Shown(d.text, d.label) for d in demos])
             for item, demos in zip(items, demonstrations)

@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     # --- server -----------------------------------------------------------------------------------
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
+    drain_grace_s: float = Field(
+        default=3.0,
+        ge=0,
+        description="After SIGTERM: answer new work with 503 (and /ready 503) for at least this "
+        "long, so balancers stop routing here, before closing once in-flight work is done.",
+    )
+    drain_timeout_s: float = Field(default=60.0, gt=0, description="Longest wait for in-flight work after SIGTERM.")
 
 
 @lru_cache

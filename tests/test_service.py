@@ -3,8 +3,10 @@ for the whole test session)."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -175,3 +177,23 @@ def test_metrics_move(live, meld_dialogues):
     assert _total(after, "erc_prefix_cache_hit_tokens_total") > _total(before, "erc_prefix_cache_hit_tokens_total")
     assert 0 < _total(after, "erc_prefix_cache_hit_rate") <= 1
     assert _total(after, "erc_engine_alive") == 1
+
+
+def test_evaluation_report_through_the_serving_engine(live, settings, data_dir, tmp_path):
+    from training.evaluate import evaluate_async
+
+    engine = live.app.state.service.engine
+    runs = [("meld", "test", "csv"), ("dailydialog", "test", "csv")]
+    reports = live.portal.call(evaluate_async, settings.weights_root / "base", runs, settings, tmp_path, 256, engine, 3)
+    meld, daily = reports
+    expected = sum(len(d.turns) for d in load_split(data_dir, "meld", "test", "csv")[:3])
+    assert meld["count"] == expected and sum(map(sum, meld["confusion_matrix"])) == expected
+    for key in ("weighted_f1", "accuracy", "per_class", "confusion_matrix", "wall_s", "labels", "date"):
+        assert key in meld
+    assert 0 <= meld["weighted_f1"] <= 100 and set(meld["per_class"]) == set(MELD)
+    # DailyDialog is scored on MELD's label set (happiness -> joyful, ...).
+    assert daily["label_set"] == "meld" and daily["labels"] == list(MELD)
+    for report in reports:
+        json_path, png_path = map(Path, report["files"])
+        assert json.loads(json_path.read_text())["count"] == report["count"]
+        assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

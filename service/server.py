@@ -1,0 +1,57 @@
+"""Running the app under uvicorn with a graceful drain on SIGTERM.
+
+On SIGTERM the replica reports not ready and answers new work with 503 (so a balancer with
+``proxy_next_upstream http_503`` retries it elsewhere) for at least ``ERC_DRAIN_GRACE_S``, waits
+for in-flight requests to finish (at most ``ERC_DRAIN_TIMEOUT_S``), then shuts down. A second
+SIGTERM, or SIGINT, stops at once the uvicorn way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from types import FrameType
+
+import uvicorn
+
+from service.api import ServiceState, create_app
+from service.settings import Settings
+
+# uvicorn configures this logger: drain messages land beside its own.
+log = logging.getLogger("uvicorn.error")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServiceState, settings: Settings) -> None:
+        super().__init__(config)
+        self.state = state
+        self.settings = settings
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:  # type: ignore[override]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and not self.state.draining and self._loop is not None:
+            self.state.draining = True
+            log.info("SIGTERM: draining (%d requests in flight)", self.state.inflight)
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
+            return
+        super().handle_exit(sig, frame)
+
+    async def _drain(self) -> None:
+        start = time.monotonic()
+        await asyncio.sleep(self.settings.drain_grace_s)
+        while self.state.inflight and time.monotonic() - start < self.settings.drain_timeout_s:
+            await asyncio.sleep(0.05)
+        log.info("drained in %.1f s (%d left in flight); shutting down", time.monotonic() - start, self.state.inflight)
+        self.should_exit = True
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=int(settings.drain_timeout_s))
+    DrainingServer(config, app.state.service, settings).run()

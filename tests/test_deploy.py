@@ -1,0 +1,242 @@
+"""Deployment: Dockerfile lint, Kubernetes manifests, nginx config, and the proof that a replica
+going away behind a real nginx loses no request (SIGTERM) or only its in-flight ones (SIGKILL).
+
+The replicas run the production start command (`erc serve`), on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from service.data import load_split
+from tests.conftest import IN_CI, require
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path is None:
+        message = f"{name} is not installed (.ci/run installs it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def test_dockerfile_is_lint_clean():
+    result = subprocess.run([_tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (ROOT / "Dockerfile").read_text()
+    assert "AS cpu" in text and "AS gpu" in text and text.rfind("AS gpu") > text.rfind("AS cpu")  # gpu is the default (last) target
+    assert re.search(r"^USER 10001$", text, re.M) and "HEALTHCHECK" in text and "/health" in text
+
+
+def test_kubernetes_manifests_parse_and_carry_the_probes():
+    docs = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "k8s" / "erc.yaml").read_text())}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= set(docs)
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # model load takes minutes
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["terminationGracePeriodSeconds"] >= 60
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert {"erc", "nginx", "prometheus"} <= set(compose["services"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def render_nginx(tmp: Path, ports: list[int], listen: int) -> Path:
+    """deploy/nginx.conf with its upstream servers and port moved to loopback."""
+    text = (DEPLOY / "nginx.conf").read_text()
+    servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in ports)
+    text, n = re.subn(r"^\s*server erc:8000 .*;$", servers, text, flags=re.M)
+    assert n == 1
+    text = text.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
+    text = text.replace("pid /tmp/nginx.pid;", f"pid {tmp}/nginx.pid;")
+    text = text.replace("error_log /dev/stderr warn;", f"error_log {tmp}/error.log warn;")
+    text = text.replace("access_log /dev/stdout upstreams;", f"access_log {tmp}/access.log upstreams;")
+    conf = tmp / "nginx.conf"
+    conf.write_text(text)
+    return conf
+
+
+def test_nginx_accepts_the_config(tmp_path):
+    conf = render_nginx(tmp_path, [_free_port(), _free_port()], _free_port())
+    result = subprocess.run([_tool("nginx"), "-t", "-c", str(conf), "-p", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+class Replica:
+    """`erc serve` in its own process group (so the engine's children die with it)."""
+
+    def __init__(self, port: int, log: Path) -> None:
+        self.port = port
+        env = {**os.environ, "ERC_DRAIN_GRACE_S": "1", "ERC_KV_CACHE_GIB": "1"}
+        self.log = log.open("w")
+        erc = str(Path(sys.executable).with_name("erc"))
+        self.proc = subprocess.Popen([erc, "serve", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 400) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"replica on {self.port} exited; see {self.log.name}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"replica on {self.port} not ready after {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+def _payloads(data_dir: Path) -> list[tuple[str, dict]]:
+    dialogues = load_split(data_dir, "meld", "test", "csv")[:12]
+    api = [{"id": d.id, "turns": [{"speaker": t.speaker, "text": t.text} for t in d.turns][:8]} for d in dialogues]
+    out = []
+    for i, d in enumerate(api):
+        out.append(("/predict", {"dialogue": d}))
+        if i % 3 == 0:
+            out.append(("/predict_dialogue", {"dialogues": [d]}))
+    return out
+
+
+def run_load(base: str, payloads: list[tuple[str, dict]], total: int, workers: int, on_progress) -> dict:
+    """Send ``total`` requests from ``workers`` threads; ``on_progress(sent)`` after each."""
+    lock = threading.Lock()
+    stats = {"sent": 0, "succeeded": 0, "failed": 0, "errors": []}
+
+    def worker() -> None:
+        with httpx.Client(base_url=base, timeout=120) as client:
+            while True:
+                with lock:
+                    if stats["sent"] >= total:
+                        return
+                    n = stats["sent"]
+                    stats["sent"] += 1
+                path, body = payloads[n % len(payloads)]
+                try:
+                    response = client.post(path, json=body)
+                    ok = response.status_code == 200 and "label" in response.text
+                    error = None if ok else f"{path} {response.status_code} {response.text[:200]}"
+                except httpx.HTTPError as exc:
+                    ok, error = False, f"{path} {type(exc).__name__}: {exc}"
+                with lock:
+                    stats["succeeded" if ok else "failed"] += 1
+                    if error:
+                        stats["errors"].append(error)
+                on_progress(n + 1)
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    return stats
+
+
+def _retried(access_log: Path, since: int) -> int:
+    lines = access_log.read_text().splitlines()[since:]
+    return sum(1 for line in lines if re.search(r"upstream=\S+, ", line))
+
+
+@pytest.fixture(scope="module")
+def cluster(data_dir, settings, tmp_path_factory):
+    require(settings.weights_root / "base" / "erc.json", "run `erc weights build`")
+    require(settings.index_root / "meld" / "manifest.json", "run `erc index build --dataset meld`")
+    nginx = _tool("nginx")
+    tmp = tmp_path_factory.mktemp("lb")
+    replicas = [Replica(_free_port(), tmp / f"replica{i}.log") for i in range(2)]
+    listen = _free_port()
+    conf = render_nginx(tmp, [r.port for r in replicas], listen)
+    lb = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"])
+    try:
+        for r in replicas:
+            r.wait_ready()
+        yield {"base": f"http://127.0.0.1:{listen}", "replicas": replicas, "tmp": tmp, "access": tmp / "access.log", "payloads": _payloads(data_dir)}
+    finally:
+        lb.terminate()
+        lb.wait(timeout=30)
+        for r in replicas:
+            r.stop()
+
+
+def _report(name: str, stats: dict, retried: int) -> None:
+    print(f"\n[{name}] sent {stats['sent']}, succeeded {stats['succeeded']}, retried {retried}, failed {stats['failed']}")
+    for error in stats["errors"][:5]:
+        print(f"[{name}]   {error}")
+
+
+def test_sigterm_drains_without_losing_a_request(cluster):
+    victim = cluster["replicas"][0]
+    since = len(cluster["access"].read_text().splitlines()) if cluster["access"].exists() else 0
+    fired = threading.Event()
+
+    def progress(sent: int) -> None:
+        if sent >= 15 and not fired.is_set():
+            fired.set()
+            victim.proc.send_signal(signal.SIGTERM)
+
+    stats = run_load(cluster["base"], cluster["payloads"], total=60, workers=4, on_progress=progress)
+    retried = _retried(cluster["access"], since)
+    _report("SIGTERM", stats, retried)
+    assert fired.is_set()
+    assert stats["failed"] == 0, stats["errors"]
+    assert stats["succeeded"] == stats["sent"] == 60
+    # The drained replica finished its in-flight work and exited by itself.
+    assert victim.proc.wait(timeout=90) is not None
+    assert "drained in" in Path(victim.log.name).read_text()
+
+
+def test_sigkill_loses_at_most_the_in_flight_requests(cluster):
+    # Bring the drained replica back, then kill the other one outright.
+    first, second = cluster["replicas"]
+    revived = Replica(first.port, cluster["tmp"] / "replica0-revived.log")
+    cluster["replicas"][0] = revived
+    revived.wait_ready()
+    since = len(cluster["access"].read_text().splitlines())
+    fired = threading.Event()
+    workers = 4
+
+    def progress(sent: int) -> None:
+        if sent >= 15 and not fired.is_set():
+            fired.set()
+            os.killpg(second.proc.pid, signal.SIGKILL)
+
+    stats = run_load(cluster["base"], cluster["payloads"], total=60, workers=workers, on_progress=progress)
+    retried = _retried(cluster["access"], since)
+    _report("SIGKILL", stats, retried)
+    assert fired.is_set()
+    # Only requests in flight on the killed replica may fail (at most one per client thread);
+    # nginx retries the rest, and everything sent afterwards goes to the survivor.
+    assert stats["failed"] <= workers, stats["errors"]
+    assert stats["succeeded"] + stats["failed"] == stats["sent"] == 60

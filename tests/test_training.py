@@ -1,0 +1,174 @@
+"""Training: task builders, one step on a tiny random Llama, merge round trip, GPU recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.data import Dialogue, Turn
+from service.labels import LABEL_SETS
+from service.spec import ServingSpec
+from service.templates import Shown
+from training.config import TrainConfig
+from training.examples import build_examples, retrieve_demonstrations
+from training.trainer import batches, collate, target_loss
+from tests.conftest import require
+
+CONFIGS = Path(__file__).resolve().parent.parent / "training" / "configs"
+DIALOGUE = Dialogue("d1", (Turn("Ann", "I won!", "joyful"), Turn("Bob", "No way.", "surprise")))
+HEAD = "Now you are expert of sentiment and emotional analysis. "
+MELD_Q = "from <neutral, surprise, fear, sad, joyful, disgust, angry>:"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(settings):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(require(settings.weights_root / "base", "run `erc weights build`")))
+
+
+def tiny_llama(tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def test_three_task_builders_golden(tokenizer):
+    shown = {("d1", 1): [Shown("Wow!", "surprise")]}
+    examples = build_examples([DIALOGUE], "meld", tokenizer, ["erc", "speaker", "prediction"], 12, shown, 1024)
+    by_task = {(e.task, e.turn): e for e in examples}
+    assert len(examples) == 6
+    erc = by_task[("erc", 1)]
+    assert tokenizer.decode(erc.prompt_ids) == (
+        HEAD + "The following conversation noted between '### ###' involves several speakers. ### "
+        '\t Speaker_0:"I won!"\t Speaker_1:"No way." ### Similar utterances from other conversations: '
+        '"Wow!" is surprise. Please select the emotional label of < Speaker_1:"No way."> ' + MELD_Q
+    )
+    assert erc.target_ids == (*tokenizer(" surprise", add_special_tokens=False)["input_ids"], tokenizer.eos_token_id)
+    speaker = by_task[("speaker", 1)]
+    assert tokenizer.decode(speaker.prompt_ids) == (
+        HEAD + "Please select the Speaker label of the utterance <Speaker: No way.> from <Speaker_0, "
+        "Speaker_1, Speaker_2, Speaker_3, Speaker_4, Speaker_5, Speaker_6, Speaker_7, Speaker_8>:"
+    )
+    assert tokenizer.decode(speaker.target_ids, skip_special_tokens=True) == " Speaker_1"
+    prediction = by_task[("prediction", 1)]
+    text = tokenizer.decode(prediction.prompt_ids)
+    main, predict = text.split("***")
+    assert main == tokenizer.decode(erc.prompt_ids)
+    assert predict == (
+        HEAD + "The following conversation noted between '### ###' involves several speakers. ### "
+        '\t Speaker_0:"I won!"###Based on the above historical utterances, next utterance is spoken by <1>, '
+        "please predict the emotion states of <1> " + MELD_Q
+    )
+    assert prediction.target_ids == erc.target_ids
+
+
+def test_long_prompts_lose_the_oldest_history_first(tokenizer):
+    long = Dialogue("x", tuple(Turn(f"S{i % 2}", "word " * 50, "neutral") for i in range(13)))
+    [example] = [e for e in build_examples([long], "meld", tokenizer, ["erc"], 12, {}, 300) if e.turn == 12]
+    assert example.length <= 300
+    assert tokenizer.decode(example.prompt_ids).startswith(HEAD)
+
+
+def test_demonstrations_exclude_own_dialogue_and_ignore_gold_labels(meld_index):
+    pool_dialogue = meld_index.pool[0].dialogue_id
+    text = meld_index.pool[0].text
+    as_joy = Dialogue(pool_dialogue, (Turn("a", text, "joyful"),))
+    as_sad = Dialogue(pool_dialogue, (Turn("a", text, "sad"),))
+    joy = retrieve_demonstrations([as_joy], meld_index, 5, own_split=True)
+    sad = retrieve_demonstrations([as_sad], meld_index, 5, own_split=True)
+    assert joy == sad  # chosen by the text alone, never by the gold label
+    own_texts = {p.text for p in meld_index.pool if p.dialogue_id == pool_dialogue}
+    assert len(joy[(pool_dialogue, 0)]) == 5
+    assert not {s.text for s in joy[(pool_dialogue, 0)]} & own_texts - {p.text for p in meld_index.pool if p.dialogue_id != pool_dialogue}
+
+
+def test_batches_are_deterministic_for_a_seed(tokenizer):
+    examples = build_examples([DIALOGUE] * 10, "meld", tokenizer, ["erc"], 12, {}, 1024)
+    assert batches(examples, 4, 7, 0) == batches(examples, 4, 7, 0)
+    assert batches(examples, 4, 7, 0) != batches(examples, 4, 8, 0)
+    assert sorted(i for b in batches(examples, 4, 7, 0) for i in b) == list(range(len(examples)))
+
+
+def test_one_training_step_lowers_the_loss(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(tokenizer), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], layers_to_transform=[1, 2]))
+    examples = build_examples([DIALOGUE], "meld", tokenizer, ["erc"], 12, {}, 1024)
+    batch = collate(examples, tokenizer.eos_token_id)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = target_loss(model, batch, autocast=False)
+    before.backward()
+    optimizer.step()
+    after = target_loss(model, batch, autocast=False)
+    assert after.item() < before.item()
+    # Only adapter weights train; the loss sees only the target tokens (2 per example).
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert len(batch["targets"]) == sum(len(e.target_ids) for e in examples)
+
+
+def test_merge_round_trip(tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from service.weights import merge_adapter
+
+    base_dir, adapter_dir, merged_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    base = tiny_llama(tokenizer)
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    config = json.loads((base_dir / "config.json").read_text())
+    config["rope_theta"] = 10000.0
+    (base_dir / "config.json").write_text(json.dumps(config))
+    peft_model = get_peft_model(tiny_llama(tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(adapter_dir)
+    ServingSpec(model_name="tiny").save(adapter_dir)
+    merge_adapter(base_dir, adapter_dir, merged_dir)
+
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    ids = torch.tensor([tokenizer("Hello there, how are you?")["input_ids"]])
+    with torch.no_grad():
+        expected = peft_model.eval()(ids).logits
+        got = merged.eval()(ids).logits
+        plain = tiny_llama(tokenizer).eval()(ids).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3)  # the adapter did change the model
+    assert ServingSpec.load(merged_dir).model_name == "tiny"
+    assert json.loads((merged_dir / "config.json").read_text())["rope_theta"] == 10000.0
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
+def test_shipped_configs_parse(name):
+    config = TrainConfig.load(CONFIGS / name)
+    assert set(config.tasks) <= {"erc", "speaker", "prediction"}
+
+
+def test_gpu_recipe_dry_run_on_a_tiny_llama(tokenizer):
+    """The 7B recipe with the paper's settings, one optimizer step on a tiny random Llama."""
+    from peft import LoraConfig, get_peft_model
+
+    config = TrainConfig.load(CONFIGS / "llama2-7b-meld.toml")
+    assert (config.lora.rank, config.lora.alpha, config.lora.dropout) == (16, 16, 0.05)
+    assert (config.learning_rate, config.max_length, config.dtype) == (2e-4, 1024, "bfloat16")
+    assert set(config.tasks) == {"erc", "speaker", "prediction"}
+    model = get_peft_model(
+        tiny_llama(tokenizer).to(torch.bfloat16),
+        LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout, target_modules=config.lora.target_modules),
+    )
+    examples = build_examples([DIALOGUE], config.dataset, tokenizer, config.tasks, config.window, {}, config.max_length)
+    batch = collate(examples[: config.batch_size], tokenizer.eos_token_id)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+    loss = target_loss(model, batch, autocast=False)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)

@@ -1,0 +1,64 @@
+"""Training configuration, read from a TOML file (``training/configs/<name>.toml``)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSection(_Section):
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    #: Train only the top N transformer layers (None: all). Lower layers stay frozen, so the
+    #: backward pass stops at the first adapted layer.
+    top_layers: int | None = 8
+
+
+class DemonstrationsSection(_Section):
+    enabled: bool = True
+    k: int = 3
+    index: str = "meld"
+
+
+class TrainConfig(_Section):
+    name: str
+    #: A folder with a Hugging Face checkpoint, or "embedded" (weights/base, built from the GGUF).
+    base_model: str = "embedded"
+    dataset: Literal["meld", "iemocap", "emorynlp"] = "meld"
+    source: Literal["csv", "cosmic"] = "csv"
+    window: int = 12
+    demonstrations: DemonstrationsSection = DemonstrationsSection()
+    #: Auxiliary tasks of InstructERC: "speaker" (speaker identification, mixed in) and
+    #: "prediction" (the official emotion-prediction input: main prompt + *** + history-only).
+    tasks: list[Literal["erc", "speaker", "prediction"]] = ["erc"]
+    lora: LoraSection = LoraSection()
+    learning_rate: float = 5e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    epochs: float = Field(default=1.0, gt=0, description="May be fractional: a prefix of the shuffled order.")
+    batch_size: int = 8
+    max_length: int = 1024
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    #: bf16 autocast on CPU (AMX) or GPU; master weights stay float32.
+    autocast_bf16: bool = True
+    checkpoint_every: int = 100
+    eval_every: int = 200
+    eval_examples: int = 300
+    #: Stop (saving a checkpoint) after this many minutes of training; None: no limit.
+    max_minutes: float | None = None
+    gradient_checkpointing: bool = False
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainConfig":
+        with path.open("rb") as fh:
+            return cls.model_validate(tomllib.load(fh))
