@@ -4,20 +4,25 @@ error mapping and metrics. The serving logic lives in :mod:`service.predictor`."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import metrics
+from service import logs, metrics
 from service.engine import EngineUnavailable, PromptTooLong
 from service.predictor import LimitError, Predictor
+from service.security import authorized, load_keys
 from service.schemas import (
     HealthResponse,
     PredictDialogueRequest,
@@ -55,6 +60,20 @@ class ServiceState:
 WORK_PATHS = frozenset({"/predict", "/predict_dialogue"})
 
 
+class DeadlineExceeded(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so only a disconnect is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def ready_predictor(request: Request) -> Predictor:
     """Dependency: the predictor, or 503 while loading or once the engine has died."""
     state: ServiceState = request.app.state.service
@@ -66,6 +85,32 @@ def ready_predictor(request: Request) -> Predictor:
 
 
 Ready = Annotated[Predictor, Depends(ready_predictor)]
+
+class BodyLimit:
+    """Refuses a body over ``limit`` bytes (413) from its Content-Length, before reading it;
+    a body without one (chunked) gets 411, since its size is unknown until it is all read."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length")
+            problem = None
+            if length is None and b"chunked" in headers.get(b"transfer-encoding", b""):
+                problem = (411, "body_length_required", "send the body with a Content-Length header")
+            elif length is not None and (not length.isdigit() or int(length) > self.limit):
+                problem = (413, "body_too_large", f"body of {length.decode(errors='replace')} bytes exceeds the limit of {self.limit} (ERC_MAX_BODY_BYTES)")
+            if problem:
+                status, reason, message = problem
+                metrics.REJECTED.labels(reason).inc()
+                response = JSONResponse(status_code=status, content={"detail": [{"loc": ["body"], "msg": message, "type": reason}]})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
 
 Loader = Callable[[Settings, ServiceState], Awaitable[None]]
 
@@ -128,34 +173,62 @@ def create_app(settings: Settings | None = None, loader: Loader = load_service) 
         lifespan=lifespan,
     )
     app.state.service = state
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    keys = load_keys(settings)
+
+    def refuse(status: int, reason: str, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+        metrics.REJECTED.labels(reason).inc()
+        return JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
+
+    async def gate(request: Request, call_next) -> Response:
+        """Draining, authentication and admission, before any work is done."""
+        if request.url.path not in WORK_PATHS:
+            return await call_next(request)
+        if state.draining:
+            return refuse(503, "draining", "this replica is shutting down; retry on another", {"Retry-After": "1", "Connection": "close"})
+        if not authorized(request.headers.get("authorization"), keys):
+            return refuse(401, "unauthorized", "missing or wrong API key: send Authorization: Bearer KEY", {"WWW-Authenticate": "Bearer"})
+        if state.inflight >= settings.max_inflight:
+            return refuse(
+                429, "overload", f"{state.inflight} requests in flight, the limit is {settings.max_inflight} (ERC_MAX_INFLIGHT); retry shortly", {"Retry-After": "1"}
+            )
+        state.inflight += 1
+        metrics.INFLIGHT.set(state.inflight)
+        try:
+            return await call_next(request)
+        finally:
+            state.inflight -= 1
+            metrics.INFLIGHT.set(state.inflight)
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
+        rid = request.headers.get("x-request-id", "")
+        rid = rid if 0 < len(rid) <= 128 and rid.isprintable() else uuid.uuid4().hex
+        token = logs.request_id.set(rid)
         start = time.perf_counter()
         status = 500
-        work = request.url.path in WORK_PATHS
         try:
-            if work and state.draining:
-                status = 503
-                return JSONResponse(
-                    status_code=503,
-                    content={"detail": "this replica is shutting down; retry on another"},
-                    headers={"Retry-After": "1", "Connection": "close"},
-                )
-            if work:
-                state.inflight += 1
-            try:
-                response = await call_next(request)
-            finally:
-                if work:
-                    state.inflight -= 1
+            response = await gate(request, call_next)
             status = response.status_code
+            response.headers["X-Request-ID"] = rid
             return response
         finally:
+            elapsed = time.perf_counter() - start
             route = request.scope.get("route")
             endpoint = getattr(route, "path", "unmatched")
             metrics.REQUESTS.labels(endpoint, str(status)).inc()
-            metrics.LATENCY.labels(endpoint, str(status)).observe(time.perf_counter() - start)
+            metrics.LATENCY.labels(endpoint, str(status)).observe(elapsed)
+            # Never the body: utterance text stays out of logs (ERC_LOG_TEXT governs the rest).
+            log.info("request", extra={"method": request.method, "path": request.url.path, "status": status, "duration_ms": round(1000 * elapsed, 1)})
+            logs.request_id.reset(token)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes each offending input back: that can be megabytes, or a lone
+        # surrogate that cannot even be encoded as UTF-8. Location, message and type suffice.
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": detail})
 
     @app.exception_handler(LimitError)
     async def limit_error(request: Request, exc: LimitError) -> JSONResponse:
@@ -169,15 +242,62 @@ def create_app(settings: Settings | None = None, loader: Loader = load_service) 
     async def unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
         return JSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": "5"})
 
-    @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=True)
-    async def predict(body: PredictRequest, p: Ready) -> PredictResponse:
-        """Label one utterance (default: the dialogue's last turn) with its probabilities."""
-        return await p.predict(body)
+    @app.exception_handler(DeadlineExceeded)
+    async def deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
+        return refuse(504, "deadline", str(exc))
 
-    @app.post("/predict_dialogue", response_model=PredictDialogueResponse)
-    async def predict_dialogue(body: PredictDialogueRequest, p: Ready) -> PredictDialogueResponse:
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> JSONResponse:
+        # Nobody reads this (the client left); 499 is nginx's code for it, kept for the logs.
+        return refuse(499, "client_gone", str(exc))
+
+    async def bounded(request: Request, work: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``work`` under the request's deadline; abort it (and its engine requests) when
+        the deadline passes or the client disconnects."""
+        timeout = settings.request_timeout_s
+        asked = request.headers.get("x-request-timeout")
+        if asked is not None:
+            try:
+                value = float(asked)
+            except ValueError:
+                value = math.nan
+            if not (value > 0 and math.isfinite(value)):
+                raise LimitError(["header", "x-request-timeout"], f"must be a positive number of seconds, got {asked!r}", top="header")
+            timeout = min(timeout, value)
+        task = asyncio.ensure_future(work())
+        watch = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({task, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        if watch in done:
+            raise ClientGone("the client disconnected; its work was aborted")
+        raise DeadlineExceeded(f"the request did not finish within its deadline of {timeout:g} s (ERC_REQUEST_TIMEOUT_S or X-Request-Timeout); its work was aborted")
+
+    errors: dict[int | str, dict[str, Any]] = {
+        401: {"description": "Missing or wrong API key (when ERC_API_KEYS is set)."},
+        411: {"description": "Chunked body without Content-Length."},
+        413: {"description": "Body over ERC_MAX_BODY_BYTES."},
+        422: {"description": "Invalid input: detail[].loc names the field, msg the limit."},
+        429: {"description": "Over ERC_MAX_INFLIGHT; retry after Retry-After seconds."},
+        503: {"description": "Loading, draining, or the engine died."},
+        504: {"description": "Past the request's deadline; its work was aborted."},
+    }
+
+    @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=True, responses=errors)
+    async def predict(request: Request, body: PredictRequest, p: Ready) -> PredictResponse:
+        """Label one utterance (default: the dialogue's last turn) with its probabilities."""
+        return await bounded(request, lambda: p.predict(body))
+
+    @app.post("/predict_dialogue", response_model=PredictDialogueResponse, responses=errors)
+    async def predict_dialogue(request: Request, body: PredictDialogueRequest, p: Ready) -> PredictDialogueResponse:
         """Label every utterance of every dialogue, in input order, in one engine batch."""
-        return await p.predict_dialogue(body)
+        return await bounded(request, lambda: p.predict_dialogue(body))
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health() -> Any:

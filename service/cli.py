@@ -282,6 +282,29 @@ def evaluate(
         )
 
 
+@app.command()
+def bench(
+    model: Annotated[Optional[Path], typer.Option(help="Servable model folder (default: the served default).")] = None,
+    dialogues: Annotated[int, typer.Option(min=1, help="MELD test dialogues to send.")] = 40,
+    requests: Annotated[int, typer.Option(min=1, help="/predict requests per concurrency level.")] = 96,
+    levels: Annotated[str, typer.Option(help="Concurrency levels, comma-separated.")] = "1,8,32",
+    baseline_limit: Annotated[Optional[int], typer.Option(help="Utterances for the naive baseline (default: all).")] = None,
+    port: Annotated[int, typer.Option(help="Port for the server under test.")] = 8765,
+    out: Annotated[Path, typer.Option(help="Markdown report (a .json and .png beside it).")] = Path("docs/benchmarks.md"),
+) -> None:
+    """Benchmark the service against the naive transformers baseline in one run."""
+    from bench.run import run as run_bench, write_report
+    from service.weights import default_model_dir
+
+    settings = get_settings()
+    model_dir = model or settings.model_dir or default_model_dir(settings.weights_root)
+    result = run_bench(settings, model_dir, dialogues, requests, [int(x) for x in levels.split(",")], baseline_limit, port)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = "erc bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "erc bench"
+    write_report(result, out, out.with_suffix(".png"), command)
+    typer.echo(f"ratio {result['ratio_service_over_baseline']:.2f}x, FLOP fraction {100 * result['flop_fraction']:.1f}%, computed/unavoidable {result['computed_over_unavoidable']:.2f}: {out}")
+
+
 def main() -> None:
     app()
 

@@ -189,22 +189,20 @@ def _int_field(row: dict[str, str], name: str, where: str) -> int:
         raise DataError(f"{where}: field {name!r} is not an integer: {row.get(name)!r}") from None
 
 
+def _csv_turn(dataset: str, row: dict[str, str], speaker: str, where: str) -> Turn:
+    if not speaker:
+        raise DataError(f"{where}: missing speaker")
+    return Turn(speaker, _checked_text(row.get("Utterance"), where), _checked_label(dataset, row.get("Emotion"), where))
+
+
 def read_meld_csv(path: Path) -> list[Dialogue]:
     """Read an official MELD CSV (``*_sent_emo.csv``); dialogue ids are ``Dialogue_ID``."""
     rows = []
     for line, row in _read_csv_rows(path):
         where = f"{path}:{line}"
         dialogue_id = str(_int_field(row, "Dialogue_ID", where))
-        order = _int_field(row, "Utterance_ID", where)
-        speaker = (row.get("Speaker") or "").strip()
-        if not speaker:
-            raise DataError(f"{where}: missing speaker")
-        turn = Turn(
-            speaker,
-            _checked_text(row.get("Utterance"), where),
-            _checked_label("meld", row.get("Emotion"), where),
-        )
-        rows.append((dialogue_id, order, turn))
+        turn = _csv_turn("meld", row, (row.get("Speaker") or "").strip(), where)
+        rows.append((dialogue_id, _int_field(row, "Utterance_ID", where), turn))
     return _group(rows)
 
 
@@ -213,21 +211,14 @@ def read_emorynlp_csv(path: Path) -> list[Dialogue]:
     rows = []
     for line, row in _read_csv_rows(path):
         where = f"{path}:{line}"
-        dialogue_id = "_".join(
-            str(_int_field(row, name, where)) for name in ("Season", "Episode", "Scene_ID")
-        )
+        dialogue_id = "_".join(str(_int_field(row, name, where)) for name in ("Season", "Episode", "Scene_ID"))
+        # Speakers are Python-list strings such as "['Monica Geller']".
         try:
             names = ast.literal_eval(row.get("Speaker") or "")
             speaker = ", ".join(str(n) for n in names) if isinstance(names, list) else str(names)
         except (ValueError, SyntaxError):
             speaker = (row.get("Speaker") or "").strip()
-        if not speaker:
-            raise DataError(f"{where}: missing speaker")
-        turn = Turn(
-            speaker,
-            _checked_text(row.get("Utterance"), where),
-            _checked_label("emorynlp", row.get("Emotion"), where),
-        )
+        turn = _csv_turn("emorynlp", row, speaker, where)
         rows.append((dialogue_id, _int_field(row, "Utterance_ID", where), turn))
     return _group(rows)
 

@@ -146,7 +146,10 @@ class Engine:
     @property
     def dead(self) -> bool:
         """The engine was started and has since died (its core process is gone)."""
-        return self._llm is not None and bool(self._llm.errored)
+        if self._llm is not None and self._llm.errored:
+            metrics.ENGINE_ALIVE.set(0)
+            return True
+        return False
 
     def _require(self) -> Any:
         if self._llm is None:

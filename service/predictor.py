@@ -34,9 +34,9 @@ from service.templates import Shown, erc_prompt
 class LimitError(ValueError):
     """A request over a configured limit; ``loc`` names the field as FastAPI's errors do."""
 
-    def __init__(self, loc: Sequence[str | int], message: str) -> None:
+    def __init__(self, loc: Sequence[str | int], message: str, top: str = "body") -> None:
         super().__init__(message)
-        self.loc = ["body", *loc]
+        self.loc = [top, *loc] if top != "header" else list(loc)
         self.message = message
 
 
@@ -121,7 +121,9 @@ class Predictor:
             erc_prompt(item.dialogue, item.target, labels, self.spec.window, [Shown(d.text, d.label) for d in demos])
             for item, demos in zip(items, demonstrations)
         ]
+        started = time.perf_counter()
         distributions = await self.engine.classify(prompts, labels)
+        metrics.ENGINE_LATENCY.observe(time.perf_counter() - started)
         results = []
         for probs, prompt, demos in zip(distributions, prompts, demonstrations):
             best = max(range(len(labels)), key=lambda i: probs[i])

@@ -16,6 +16,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
+def _valid_unicode(value: str) -> str:
+    # JSON may carry lone surrogates ("\\ud800"): not text, and no tokenizer can encode them.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate (not valid Unicode text)") from None
+    return value
+
+
 class TurnIn(_Strict):
     speaker: str = Field(min_length=1, description="Speaker name; numbered Speaker_0, Speaker_1, ... by first appearance.")
     text: str = Field(min_length=1, description="What the speaker said.")
@@ -25,12 +34,17 @@ class TurnIn(_Strict):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty or only whitespace")
-        return value
+        return _valid_unicode(value)
 
 
 class DialogueIn(_Strict):
-    id: str | None = Field(default=None, description="Caller's dialogue id, echoed back.")
+    id: str | None = Field(default=None, max_length=256, description="Caller's dialogue id, echoed back.")
     turns: list[TurnIn] = Field(min_length=1, description="The dialogue so far, oldest first.")
+
+    @field_validator("id")
+    @classmethod
+    def _id_text(cls, value: str | None) -> str | None:
+        return None if value is None else _valid_unicode(value)
 
 
 def _check_label_set(value: str | None) -> str | None:
@@ -68,7 +82,7 @@ class DemonstrationOut(BaseModel):
 
 
 class PredictResponse(Prediction):
-    id: str | None
+    id: str | None = Field(default=None, description="The dialogue's id, when it had one.")
     target: int
     label_set: str
     model: str

@@ -52,6 +52,13 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings, host: str, port: int) -> None:
+    from service import logs
+
+    logs.configure(json_logs=settings.log_json)
     app = create_app(settings)
-    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=int(settings.drain_timeout_s))
+    # log_config=None: keep our handlers; access_log off: our middleware logs each request
+    # with its id, status and duration.
+    config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout_s)
+    )
     DrainingServer(config, app.state.service, settings).run()

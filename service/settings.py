@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The repository root when running from a checkout; built artefacts default to folders under it.
@@ -79,6 +79,21 @@ class Settings(BaseSettings):
     max_speaker_chars: int = Field(default=100, ge=1, description="Characters per speaker name.")
     max_dialogues: int = Field(default=64, ge=1, description="Dialogues per /predict_dialogue.")
     max_batch_turns: int = Field(default=2000, ge=1, description="Turns per /predict_dialogue.")
+
+    # --- hardening ------------------------------------------------------------------------------
+    max_inflight: int = Field(
+        default=64, ge=1, description="Prediction requests served at once; beyond it 429 + Retry-After."
+    )
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="Deadline per request (a client may ask for less with X-Request-Timeout); past it 504."
+    )
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body; beyond it 413.")
+    api_keys: SecretStr | None = Field(
+        default=None, description="Comma-separated bearer keys; when set (or api_keys_file), prediction endpoints need one."
+    )
+    api_keys_file: Path | None = Field(default=None, description="A secrets file with one key per line.")
+    log_json: bool = Field(default=True, description="Structured JSON logs (one object per line).")
+    log_text: bool = Field(default=False, description="Allow utterance text in logs (off: never logged).")
 
     # --- server -----------------------------------------------------------------------------------
     host: str = "0.0.0.0"

@@ -23,3 +23,26 @@ class FakeEngine:
             weights = [digest[i] + 1 for i in range(len(labels))]
             out.append([w / sum(weights) for w in weights])
         return out
+
+
+class SlowEngine(FakeEngine):
+    """Takes ``delay`` seconds per call and records calls that were cancelled (aborted)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.cancelled = 0
+        self.active = 0
+
+    async def classify(self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None) -> list[list[float]]:
+        import asyncio
+
+        self.active += 1
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1
+        return await super().classify(prompts, labels, decoding)

@@ -172,3 +172,33 @@ def test_gpu_recipe_dry_run_on_a_tiny_llama(tokenizer):
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss)
+
+
+def test_checkpoints_resume_and_best_dev_selection(tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from training.trainer import train
+
+    dialogues = [Dialogue(f"d{i}", DIALOGUE.turns) for i in range(8)]
+    examples = build_examples(dialogues, "meld", tokenizer, ["erc"], 12, {}, 1024)
+    config = TrainConfig(name="tiny", epochs=1, batch_size=4, checkpoint_every=1, eval_every=2, eval_examples=4, autocast_bf16=False, learning_rate=1e-2)
+
+    def fresh():
+        return get_peft_model(tiny_llama(tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+    full = train(config, fresh(), tokenizer, examples, examples[:4], tmp_path / "full", log=lambda *_: None)
+    assert full["steps"] == full["total_steps"] == 4
+    # A zero time budget stops after the first step (with a checkpoint); resuming finishes the
+    # run with the same adapter as the uninterrupted one.
+    out = tmp_path / "resumed"
+    calls: list[str] = []
+    stopped = train(config.model_copy(update={"max_minutes": 0.0}), fresh(), tokenizer, examples, examples[:4], out, log=calls.append)
+    assert stopped["steps"] == 1 and any("time budget" in c for c in calls)
+    resumed = train(config, fresh(), tokenizer, examples, examples[:4], out, resume=True, log=calls.append)
+    assert any("resumed from" in c for c in calls) and resumed["steps"] == 4
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full" / "checkpoint-000004" / "adapter_model.safetensors"))
+    b = load_file(str(out / "checkpoint-000004" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert (out / "best" / "selected.json").is_file() and ServingSpec.load(out / "best").label_set == "meld"

@@ -38,11 +38,17 @@ def batches(examples: Sequence[Example], batch_size: int, seed: int, epoch: int)
     return out
 
 
+def _padded(length: int, multiple: int = 32) -> int:
+    # A bounded set of shapes: CPU kernels (oneDNN) are built and cached per shape, and with
+    # every batch a new length that cache grows without bound and steps slow down.
+    return -(-length // multiple) * multiple
+
+
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded inputs; ``positions`` are where a target token is predicted (the position
     before it), ``targets`` the tokens there."""
     seqs = [list(e.prompt_ids) + list(e.target_ids[:-1]) for e in examples]
-    width = max(len(s) for s in seqs)
+    width = _padded(max(len(s) for s in seqs))
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     rows, cols, targets = [], [], []
@@ -94,7 +100,7 @@ def score_examples(model: Any, examples: Sequence[Example], codec: LabelCodec, b
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         seqs = [examples[i].prompt_ids for i in idx]
-        width = max(len(s) for s in seqs)
+        width = _padded(max(len(s) for s in seqs))
         ids = torch.zeros((len(seqs), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for r, s in enumerate(seqs):

@@ -1,0 +1,1 @@
+"""Benchmarks: the service against InstructERC's naive generation loop, on one machine."""

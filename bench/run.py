@@ -1,0 +1,362 @@
+"""``erc bench``: throughput, latency, cache reuse, FLOP efficiency, cold start and memory of
+the service, side by side with the naive baseline, in one run on one machine and one model."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.data import Dialogue, load_split
+from service.settings import Settings
+
+
+# --- prompts exactly as the service renders them --------------------------------------------------
+class _Recorder:
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    async def classify(self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None) -> list[list[float]]:
+        self.prompts.extend(prompts)
+        return [[1.0 / len(labels)] * len(labels) for _ in prompts]
+
+
+def service_prompts(settings: Settings, model_dir: Path, dialogues: Sequence[Dialogue]) -> list[str]:
+    from service.predictor import Item, Predictor
+    from service.retrieval import DemonstrationIndex, Encoder
+    from service.spec import ServingSpec
+
+    spec = ServingSpec.load(model_dir)
+    index = None
+    if spec.demonstrations.k:
+        index = DemonstrationIndex(settings.index_root / spec.demonstrations.index, Encoder(settings.encoder_dir))
+    recorder = _Recorder()
+    predictor = Predictor(settings, spec, recorder, index)
+    items = [Item(Dialogue(d.id, d.turns), t) for d in dialogues for t in range(len(d.turns))]
+    asyncio.run(predictor.run(items, spec.label_set))
+    return recorder.prompts
+
+
+def unavoidable_tokens(token_lists: Sequence[Sequence[int]]) -> list[int]:
+    """Per prompt, the tokens no earlier prompt shares as a prefix: what any prefix cache must
+    still compute."""
+    out = []
+    for i, ids in enumerate(token_lists):
+        best = 0
+        for earlier in token_lists[max(0, i - 64):i]:
+            n = 0
+            for a, b in zip(ids, earlier):
+                if a != b:
+                    break
+                n += 1
+            best = max(best, n)
+        out.append(len(ids) - best)
+    return out
+
+
+# --- the service under test ---------------------------------------------------------------------
+class Server:
+    def __init__(self, port: int, env: dict[str, str]) -> None:
+        import psutil
+
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        erc = str(Path(sys.executable).with_name("erc"))
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen([erc, "serve", "--host", "127.0.0.1", "--port", str(port)], env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._ps = psutil.Process(self.proc.pid)
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self._ps, *self._ps.children(recursive=True)]
+                self.peak_mb = max(self.peak_mb, sum(p.memory_info().rss for p in procs) / 2**20)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    def wait_ready(self, timeout: float = 600) -> float:
+        while time.monotonic() - self.started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError("the server exited during start-up")
+            try:
+                if httpx.get(f"{self.base}/ready", timeout=2).status_code == 200:
+                    return time.monotonic() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("not ready")
+
+    def metrics(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(httpx.get(f"{self.base}/metrics", timeout=10).text):
+            for s in family.samples:
+                key = s.name + ("" if not s.labels else "{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}")
+                out[key] = s.value
+        return out
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def _sum(m: dict[str, float], prefix: str, **labels: str) -> float:
+    want = [f"{k}={v}" for k, v in labels.items()]
+    return sum(v for k, v in m.items() if k.split("{")[0] == prefix and all(w in k for w in want))
+
+
+def _latency_level(base: str, bodies: list[dict], concurrency: int, total: int) -> dict[str, float]:
+    async def run() -> list[float]:
+        latencies: list[float] = []
+        queue = iter(range(total))
+        async with httpx.AsyncClient(base_url=base, timeout=300, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+            async def worker() -> None:
+                for n in queue:
+                    start = time.perf_counter()
+                    response = await client.post("/predict", json=bodies[n % len(bodies)])
+                    response.raise_for_status()
+                    latencies.append(time.perf_counter() - start)
+
+            began = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            latencies.append(-(time.perf_counter() - began))  # wall, marked negative
+        return latencies
+
+    values = asyncio.run(run())
+    wall = -values.pop()
+    values.sort()
+
+    def pct(p: float) -> float:
+        return 1000 * values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+    return {"concurrency": concurrency, "requests": total, "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99), "requests_per_s": total / wall}
+
+
+# --- the naive baseline ---------------------------------------------------------------------------
+def naive_baseline(model_dir: Path, prompts: Sequence[str], dtype: str, batch_size: int = 8, max_new_tokens: int = 3) -> dict[str, float]:
+    """InstructERC's own inference: transformers ``generate``, greedy, left-padded batches of 8,
+    one prompt per utterance, nothing reused between prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            batch = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True)
+            model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    wall = time.perf_counter() - start
+    return {"utterances": len(prompts), "wall_s": wall, "utterances_per_s": len(prompts) / wall}
+
+
+def matmul_probe(dtype: str, seconds: float = 3.0, n: int = 2048) -> float:
+    """FLOP/s of a plain square matrix multiply on this machine (same thread count as torch)."""
+    import torch
+
+    a = torch.randn(n, n).to(getattr(torch, dtype))
+    b = torch.randn(n, n).to(getattr(torch, dtype))
+    for _ in range(2):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def non_embedding_params(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as fh:
+            for name in fh.keys():
+                if "embed_tokens" not in name and "lm_head" not in name:
+                    total += _prod(fh.get_slice(name).get_shape())
+    return total
+
+
+def _prod(shape: Sequence[int]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+# --- the run ----------------------------------------------------------------------------------------
+def run(settings: Settings, model_dir: Path, dialogues: int, requests: int, levels: Sequence[int], baseline_limit: int | None, port: int) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from service.decoding import encode_prompt
+
+    data = load_split(settings.data_dir, "meld", "test", "csv")[:dialogues]
+    prompts = service_prompts(settings, model_dir, data)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    token_lists = [encode_prompt(tokenizer, p) for p in prompts]
+    n_utt = len(prompts)
+    minimum = unavoidable_tokens(token_lists)
+
+    server = Server(port, {"ERC_MODEL_DIR": str(model_dir)})
+    try:
+        cold_start_s = server.wait_ready()
+        body = {"dialogues": [{"id": d.id, "turns": [{"speaker": t.speaker, "text": t.text} for t in d.turns]} for d in data]}
+        before = server.metrics()
+        start = time.perf_counter()
+        response = httpx.post(f"{server.base}/predict_dialogue", json=body, timeout=3600)
+        response.raise_for_status()
+        batch_wall = time.perf_counter() - start
+        after = server.metrics()
+        prompt_tokens = _sum(after, "erc_engine_prompt_tokens_total") - _sum(before, "erc_engine_prompt_tokens_total")
+        queried = _sum(after, "erc_prefix_cache_queried_tokens_total") - _sum(before, "erc_prefix_cache_queried_tokens_total")
+        hits = _sum(after, "erc_prefix_cache_hit_tokens_total") - _sum(before, "erc_prefix_cache_hit_tokens_total")
+        bodies = [{"dialogue": {"turns": [{"speaker": t.speaker, "text": t.text} for t in d.turns]}, "target": k} for d in data for k in range(len(d.turns))]
+        latency = []
+        overhead = None
+        for level in levels:
+            m0 = server.metrics()
+            latency.append(_latency_level(server.base, bodies, level, requests))
+            m1 = server.metrics()
+            if level == 8:
+                engine = _sum(m1, "erc_engine_duration_seconds_sum") - _sum(m0, "erc_engine_duration_seconds_sum")
+                total = _sum(m1, "erc_http_request_duration_seconds_sum", endpoint="/predict") - _sum(m0, "erc_http_request_duration_seconds_sum", endpoint="/predict")
+                overhead = 1 - engine / total if total else None
+        peak_mb = server.peak_mb
+    finally:
+        server.stop()
+
+    baseline_prompts = prompts[:baseline_limit] if baseline_limit else prompts
+    baseline = naive_baseline(model_dir, baseline_prompts, settings.dtype)
+    probe = matmul_probe(settings.dtype)
+    params = non_embedding_params(model_dir)
+    utt_per_s = n_utt / batch_wall
+    computed_per_utt = (prompt_tokens - hits) / n_utt
+    achieved = 2 * params * computed_per_utt * utt_per_s
+    result = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or None,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {round(_mem_gib())} GiB",
+        "model": str(model_dir),
+        "dtype": settings.dtype,
+        "dialogues": len(data),
+        "utterances": n_utt,
+        "predict_dialogue": {"wall_s": batch_wall, "utterances_per_s": utt_per_s},
+        "baseline": baseline,
+        "ratio_service_over_baseline": utt_per_s / baseline["utterances_per_s"],
+        "prompt_tokens_per_utterance": sum(len(t) for t in token_lists) / n_utt,
+        "engine_prompt_tokens": prompt_tokens,
+        "prefix_cache_hit_rate": hits / queried if queried else None,
+        "computed_tokens_per_utterance": computed_per_utt,
+        "unavoidable_tokens_per_utterance": sum(minimum) / n_utt,
+        "computed_over_unavoidable": computed_per_utt / (sum(minimum) / n_utt),
+        "non_embedding_params": params,
+        "matmul_probe_flops": probe,
+        "achieved_flops": achieved,
+        "flop_fraction": achieved / probe,
+        "overhead_fraction_at_concurrency_8": overhead,
+        "latency": latency,
+        "cold_start_s": cold_start_s,
+        "peak_rss_mb": peak_mb,
+    }
+    return result
+
+
+def _mem_gib() -> float:
+    import psutil
+
+    return psutil.virtual_memory().total / 2**30
+
+
+def write_report(result: dict[str, Any], md: Path, png: Path, command: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = [x["concurrency"] for x in result["latency"]]
+    fig, ax1 = plt.subplots(figsize=(6.5, 4))
+    ax1.plot(levels, [x["requests_per_s"] for x in result["latency"]], "o-", label="/predict requests/s")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("concurrency")
+    ax1.set_ylabel("requests/s")
+    ax2 = ax1.twinx()
+    for key, style in (("p50_ms", "s--"), ("p95_ms", "^--"), ("p99_ms", "v--")):
+        ax2.plot(levels, [x[key] for x in result["latency"]], style, label=key.replace("_ms", ""), alpha=0.7)
+    ax2.set_ylabel("latency (ms)")
+    fig.legend(loc="upper left", fontsize=8)
+    ax1.set_title(f"/predict on {result['machine']} ({result['date'][:10]})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    r = result
+    rows = "\n".join(f"| {x['concurrency']} | {x['requests']} | {x['requests_per_s']:.1f} | {x['p50_ms']:.0f} | {x['p95_ms']:.0f} | {x['p99_ms']:.0f} |" for x in r["latency"])
+    hit = f"{100 * r['prefix_cache_hit_rate']:.1f}%" if r["prefix_cache_hit_rate"] is not None else "n/a"
+    ovh = f"{100 * r['overhead_fraction_at_concurrency_8']:.1f}%" if r["overhead_fraction_at_concurrency_8"] is not None else "n/a"
+    md.write_text(
+        f"""# Benchmarks
+
+One run, one machine, one model: {r['machine']}; {r['date']}; commit `{r['commit']}`; model
+`{r['model']}` ({r['dtype']}); MELD test, first {r['dialogues']} dialogues ({r['utterances']} utterances).
+Reproduce with:
+
+```bash
+{command}
+```
+
+| measure | value | goal |
+|---|---|---|
+| `/predict_dialogue` throughput | {r['predict_dialogue']['utterances_per_s']:.2f} utterances/s ({r['predict_dialogue']['wall_s']:.1f} s, cold cache) | |
+| naive baseline (transformers `generate`, batch 8, greedy) | {r['baseline']['utterances_per_s']:.2f} utterances/s ({r['baseline']['utterances']} utterances) | |
+| **ratio service / baseline** | **{r['ratio_service_over_baseline']:.2f}x** | >= 4x |
+| prompt tokens per utterance (rendered) | {r['prompt_tokens_per_utterance']:.1f} | |
+| prefix-cache hit rate | {hit} | |
+| prompt tokens computed per utterance | {r['computed_tokens_per_utterance']:.1f} | |
+| unavoidable minimum per utterance (tokens no earlier prompt shares) | {r['unavoidable_tokens_per_utterance']:.1f} | |
+| computed / unavoidable | {r['computed_over_unavoidable']:.2f} | <= 1.25 |
+| matmul probe | {r['matmul_probe_flops'] / 1e9:.1f} GFLOP/s ({r['dtype']}) | |
+| FLOP rate on computed tokens (2 x {r['non_embedding_params'] / 1e6:.1f}M params x tokens) | {r['achieved_flops'] / 1e9:.2f} GFLOP/s | |
+| **fraction of the probe** | **{100 * r['flop_fraction']:.1f}%** | >= 60% |
+| HTTP + retrieval + templating share of `/predict` time at concurrency 8 | {ovh} | < 10% |
+| cold start (process start to `/ready`) | {r['cold_start_s']:.1f} s | |
+| peak resident memory (server and engine processes) | {r['peak_rss_mb']:.0f} MB | |
+
+`/predict` latency (the dialogue history is already in the prefix cache from the batch pass):
+
+| concurrency | requests | requests/s | p50 ms | p95 ms | p99 ms |
+|---|---|---|---|---|---|
+{rows}
+
+![throughput and latency against concurrency]({png.name})
+
+Raw figures: `{md.with_suffix('.json').name}`.
+"""
+    )
+    md.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

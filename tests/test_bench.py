@@ -1,0 +1,31 @@
+"""A tiny smoke run of the benchmark harness (real numbers come from `erc bench`)."""
+
+from __future__ import annotations
+
+import socket
+
+from bench.run import run, unavoidable_tokens, write_report
+from tests.conftest import require
+
+
+def test_unavoidable_tokens_counts_what_no_earlier_prompt_shares():
+    assert unavoidable_tokens([[1, 2, 3], [1, 2, 4, 5], [9], [1, 2, 3, 7]]) == [3, 2, 1, 1]
+
+
+def test_harness_smoke(settings, data_dir, tmp_path):
+    model = require(settings.weights_root / "base", "run `erc weights build`")
+    require(settings.index_root / "meld" / "manifest.json", "run `erc index build --dataset meld`")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run(settings, model, dialogues=2, requests=4, levels=[1, 2], baseline_limit=4, port=port)
+    assert result["utterances"] > 0 and result["predict_dialogue"]["utterances_per_s"] > 0
+    assert result["baseline"]["utterances"] == 4 and result["ratio_service_over_baseline"] > 0
+    assert result["computed_tokens_per_utterance"] > 0 and result["unavoidable_tokens_per_utterance"] > 0
+    assert 0 < result["flop_fraction"] and result["cold_start_s"] > 0 and result["peak_rss_mb"] > 100
+    assert [x["concurrency"] for x in result["latency"]] == [1, 2]
+    md = tmp_path / "bench.md"
+    write_report(result, md, tmp_path / "bench.png", "erc bench --dialogues 2")
+    text = md.read_text()
+    assert "ratio service / baseline" in text and "erc bench --dialogues 2" in text
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
