@@ -235,12 +235,33 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in runs/<name>/.")] = False,
     out: Annotated[Path, typer.Option(help="Folder for runs.")] = Path("runs"),
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N training dialogues (smoke runs).")] = None,
+    demonstrations_cache: Annotated[Optional[Path], typer.Option(help="JSON file of retrieved demonstrations: read when it matches, else written (lets a machine without the index train).")] = None,
 ) -> None:
     """Train a LoRA adapter (InstructERC recipe) and keep the best dev checkpoint in runs/<name>/best."""
     from training.run import run
 
-    summary = run(config, resume, get_settings(), out, limit)
+    summary = run(config, resume, get_settings(), out, limit, demonstrations_cache)
     typer.echo(f"best dev weighted F1 {summary['best_dev_weighted_f1']:.2f} after {summary['steps']} steps; adapter: {out / summary['config']['name'] / 'best'}")
+
+
+@app.command()
+def ablate(
+    config: Annotated[Path, typer.Option(help="Base training config; each arm changes only tasks and demonstrations.")],
+    budget_tokens: Annotated[int, typer.Option(min=1, help="Training tokens per arm (the same for every arm).")],
+    arms: Annotated[str, typer.Option(help="Comma-separated arms.")] = "erc,erc+demonstrations,erc+speaker,erc+prediction,all",
+    out: Annotated[Path, typer.Option(help="Folder for the arms' runs and ablation.json/.md.")] = Path("runs/ablation"),
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N training dialogues (smoke runs).")] = None,
+    demonstrations_cache: Annotated[Optional[Path], typer.Option(help="As for `erc train`.")] = None,
+) -> None:
+    """Ablation of the InstructERC tasks at one token budget per arm, scored on all of dev."""
+    from training.ablation import ablate as run_ablation, table
+    from training.config import TrainConfig
+
+    try:
+        rows = run_ablation(TrainConfig.load(config), get_settings(), budget_tokens, [a.strip() for a in arms.split(",") if a.strip()], out, limit, demonstrations_cache)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--arms") from exc
+    typer.echo(table(rows, budget_tokens), nl=False)
 
 
 @app.command()

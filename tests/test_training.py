@@ -202,3 +202,62 @@ def test_checkpoints_resume_and_best_dev_selection(tokenizer, tmp_path):
     b = load_file(str(out / "checkpoint-000004" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert (out / "best" / "selected.json").is_file() and ServingSpec.load(out / "best").label_set == "meld"
+
+
+def _handmade_cache(path: Path, settings, limit: int, k: int = 3) -> None:
+    """A demonstrations cache for the first ``limit`` MELD train dialogues (and limit // 4 dev),
+    with demonstrations that retrieval would never return, so the test can tell where they came from."""
+    from service.data import load_split
+
+    def rows(dialogues):
+        return [[d.id, t, [[f"cached {d.id}/{t}", "fear"]] * k] for d in dialogues for t in range(len(d.turns))]
+
+    train = load_split(settings.data_dir, "meld", "train", "csv")[:limit]
+    dev = load_split(settings.data_dir, "meld", "valid", "csv")[: max(1, limit // 4)]
+    key = {"dataset": "meld", "source": "csv", "index": "meld", "k": k}
+    path.write_text(json.dumps({"key": key, "index_checksum": None, "train": rows(train), "valid": rows(dev)}))
+
+
+def test_demonstrations_cache_is_used_only_when_it_matches(settings, data_dir, tmp_path):
+    from training.run import load_corpus
+
+    cache = tmp_path / "demos.json"
+    _handmade_cache(cache, settings, limit=4)
+    no_index = settings.model_copy(update={"index_root": tmp_path / "no-index"})
+    config = TrainConfig(name="t", demonstrations={"k": 3})
+    corpus = load_corpus(config, no_index, limit=4, cache=cache)
+    first = corpus.train[0]
+    assert corpus.train_demos[(first.id, 0)] == [Shown(f"cached {first.id}/0", "fear")] * 3
+    assert set(corpus.dev_demos) == {(d.id, t) for d in corpus.dev for t in range(len(d.turns))}
+    # Another k, or dialogues the cache lacks: retrieval is needed, and without an index it fails loudly.
+    with pytest.raises(Exception, match="index|manifest|no-index"):
+        load_corpus(config.model_copy(update={"demonstrations": config.demonstrations.model_copy(update={"k": 2})}), no_index, limit=4, cache=cache)
+    with pytest.raises(Exception, match="index|manifest|no-index"):
+        load_corpus(config, no_index, limit=8, cache=cache)
+
+
+def test_ablation_trains_every_arm_on_the_same_token_budget(settings, data_dir, tokenizer, tmp_path):
+    from service.data import load_split
+    from training.ablation import ablate
+
+    base = tmp_path / "tiny"
+    tiny_llama(tokenizer).save_pretrained(str(base))
+    tokenizer.save_pretrained(str(base))
+    cache = tmp_path / "demos.json"
+    _handmade_cache(cache, settings, limit=4)
+    config = TrainConfig(name="abl", base_model=str(base), batch_size=4, autocast_bf16=False, lora={"rank": 4, "alpha": 8, "top_layers": None, "target_modules": ["q_proj", "v_proj"]})
+    budget = 6000
+    rows = ablate(config, settings.model_copy(update={"index_root": tmp_path / "no-index"}), budget, ["erc", "all"], tmp_path / "out", limit=4, demonstrations_cache=cache)
+    assert [r["arm"] for r in rows] == ["erc", "all"]
+    assert rows[1]["tasks"] == ["erc", "speaker", "prediction"] and rows[1]["demonstrations"] and not rows[0]["demonstrations"]
+    for row, name in zip(rows, ["abl-erc", "abl-all"]):
+        history = json.loads(next((tmp_path / "out" / name).glob("checkpoint-*/history.json")).read_text())
+        trained = sum(h["tokens"] for h in history)
+        biggest = max(h["tokens"] for h in history)
+        assert budget <= trained < budget + biggest, (row["arm"], trained)
+        assert row["dev_count"] == sum(len(d.turns) for d in load_split(settings.data_dir, "meld", "valid", "csv")[:1])
+        assert 0 <= row["dev_weighted_f1"] <= 100
+    table = (tmp_path / "out" / "ablation.md").read_text()
+    assert "| erc | erc | no |" in table and "| all | erc, speaker, prediction | yes |" in table
+    with pytest.raises(ValueError, match="unknown arms"):
+        ablate(config, settings, budget, ["erc", "bogus"], tmp_path / "x", limit=4, demonstrations_cache=cache)

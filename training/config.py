@@ -57,6 +57,8 @@ class TrainConfig(_Section):
     #: Stop (saving a checkpoint) after this many minutes of training; None: no limit.
     max_minutes: float | None = None
     gradient_checkpointing: bool = False
+    #: "auto": the GPU when torch sees one, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.data import load_split
+from service.data import Dialogue, load_split
 from service.settings import Settings
+from service.templates import Shown
 from training.config import TrainConfig
-from training.examples import build_examples, retrieve_demonstrations
+from training.examples import Example, build_examples, retrieve_demonstrations
+
+Demos = dict[tuple[str, int], list[Shown]]
 
 
 def base_model_dir(config: TrainConfig, settings: Settings) -> Path:
@@ -23,6 +28,14 @@ def base_model_dir(config: TrainConfig, settings: Settings) -> Path:
     return base
 
 
+def training_device(config: TrainConfig) -> str:
+    import torch
+
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device
+
+
 def load_lora_model(config: TrainConfig, folder: Path) -> tuple[Any, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -31,6 +44,7 @@ def load_lora_model(config: TrainConfig, folder: Path) -> tuple[Any, Any]:
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, config.dtype))
+    model.to(training_device(config))
     layers = model.config.num_hidden_layers
     top = config.lora.top_layers
     lora = LoraConfig(
@@ -47,28 +61,83 @@ def load_lora_model(config: TrainConfig, folder: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def run(config_path: Path, resume: bool, settings: Settings, out_root: Path = Path("runs"), limit: int | None = None) -> dict:
-    from training.trainer import train
+@dataclass
+class Corpus:
+    """The dialogues of a run and their retrieved demonstrations (empty lists when off)."""
 
-    config = TrainConfig.load(config_path)
-    model, tokenizer = load_lora_model(config, base_model_dir(config, settings))
-    train_dialogues = load_split(settings.data_dir, config.dataset, "train", config.source)
-    dev_dialogues = load_split(settings.data_dir, config.dataset, "valid", config.source)
+    train: list[Dialogue]
+    dev: list[Dialogue]
+    train_demos: Demos
+    dev_demos: Demos
+
+
+def _demos_to_json(demos: Demos) -> list:
+    return [[d, t, [[s.text, s.label] for s in shown]] for (d, t), shown in demos.items()]
+
+
+def _demos_from_json(rows: list) -> Demos:
+    return {(d, t): [Shown(text, label) for text, label in shown] for d, t, shown in rows}
+
+
+def load_corpus(config: TrainConfig, settings: Settings, limit: int | None = None, cache: Path | None = None) -> Corpus:
+    """Dialogues and demonstrations for ``config``. With ``cache``, demonstrations are read from
+    that JSON file when it was written for the same dataset, index and k (so a machine without
+    the encoder and index, e.g. a GPU box, can train), else retrieved and written there."""
+    train = load_split(settings.data_dir, config.dataset, "train", config.source)
+    dev = load_split(settings.data_dir, config.dataset, "valid", config.source)
     if limit:
-        train_dialogues = train_dialogues[:limit]
-        dev_dialogues = dev_dialogues[: max(1, limit // 4)]
-    index = None
+        train, dev = train[:limit], dev[: max(1, limit // 4)]
     k = config.demonstrations.k if config.demonstrations.enabled else 0
+    key = {"dataset": config.dataset, "source": config.source, "index": config.demonstrations.index, "k": k}
+    if k and cache is not None and cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored["key"] == key:
+            found = _demos_from_json(stored["train"]), _demos_from_json(stored["valid"])
+            # Train and dev dialogue ids overlap (MELD numbers each split from 0): check each apart.
+            complete = all((d.id, t) in demos for dialogues, demos in zip((train, dev), found) for d in dialogues for t in range(len(d.turns)))
+            if complete:
+                return Corpus(train, dev, *found)
+    index = None
     if k:
         from service.retrieval import DemonstrationIndex, Encoder
 
         index = DemonstrationIndex(settings.index_root / config.demonstrations.index, Encoder(settings.encoder_dir, settings.encoder_batch_size))
     own = index is not None and index.manifest["split"] == "train"
-    train_demos = retrieve_demonstrations(train_dialogues, index, k, own_split=own)
-    dev_demos = retrieve_demonstrations(dev_dialogues, index, k, own_split=False)
-    train_examples = build_examples(train_dialogues, config.dataset, tokenizer, config.tasks, config.window, train_demos, config.max_length)
-    dev_all = build_examples(dev_dialogues, config.dataset, tokenizer, ["erc"], config.window, dev_demos, config.max_length)
-    dev_examples = random.Random(config.seed).sample(dev_all, min(config.eval_examples, len(dev_all)))
+    corpus = Corpus(train, dev, retrieve_demonstrations(train, index, k, own_split=own), retrieve_demonstrations(dev, index, k, own_split=False))
+    if k and cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        body = {"key": key, "index_checksum": index.manifest.get("data_checksum"), "train": _demos_to_json(corpus.train_demos), "valid": _demos_to_json(corpus.dev_demos)}
+        cache.write_text(json.dumps(body))
+    return corpus
+
+
+def examples_for(config: TrainConfig, corpus: Corpus, tokenizer: Any, dev_sample: int | None) -> tuple[list[Example], list[Example]]:
+    """Training examples of the config's tasks, and ERC dev examples (a seeded sample of
+    ``dev_sample``, or all of them)."""
+    on = config.demonstrations.enabled and config.demonstrations.k > 0
+    train_demos = corpus.train_demos if on else {}
+    dev_demos = corpus.dev_demos if on else {}
+    train_examples = build_examples(corpus.train, config.dataset, tokenizer, config.tasks, config.window, train_demos, config.max_length)
+    dev_all = build_examples(corpus.dev, config.dataset, tokenizer, ["erc"], config.window, dev_demos, config.max_length)
+    if dev_sample is None or dev_sample >= len(dev_all):
+        return train_examples, dev_all
+    return train_examples, random.Random(config.seed).sample(dev_all, dev_sample)
+
+
+def run(
+    config_path: Path,
+    resume: bool,
+    settings: Settings,
+    out_root: Path = Path("runs"),
+    limit: int | None = None,
+    demonstrations_cache: Path | None = None,
+) -> dict:
+    from training.trainer import train
+
+    config = TrainConfig.load(config_path)
+    model, tokenizer = load_lora_model(config, base_model_dir(config, settings))
+    corpus = load_corpus(config, settings, limit, demonstrations_cache)
+    train_examples, dev_examples = examples_for(config, corpus, tokenizer, config.eval_examples)
     tokens = sum(e.length for e in train_examples)
     print(f"{len(train_examples)} training examples ({tokens} tokens), {len(dev_examples)} dev examples for selection", flush=True)
     return train(config, model, tokenizer, train_examples, dev_examples, out_root / config.name, resume=resume)

@@ -211,8 +211,9 @@ def train(
         bar.set_postfix(loss=f"{running:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
         record = {"step": step, "loss": loss.item(), "tokens": int(batch["attention_mask"].sum()), "elapsed_s": round(time.monotonic() - started, 1)}
         out_of_time = config.max_minutes is not None and time.monotonic() - started > 60 * config.max_minutes
-        if step % config.eval_every == 0 or step == total or out_of_time:
-            predicted = score_examples(model, dev_examples, codec, 16, config.autocast_bf16)
+        # Without dev examples (the ablation scores every arm on all of dev itself) nothing is selected here.
+        if dev_examples and (step % config.eval_every == 0 or step == total or out_of_time):
+            predicted = score_examples(model, dev_examples, codec, max(16, 2 * config.batch_size), config.autocast_bf16)
             result = scores([e.label for e in dev_examples], predicted, codec.labels)
             record.update(dev_weighted_f1=result["weighted_f1"], dev_accuracy=result["accuracy"], dev_predicted=result["predicted_counts"])
             log(f"step {step}: dev weighted F1 {result['weighted_f1']:.2f} accuracy {result['accuracy']:.2f} on {len(dev_examples)}")
