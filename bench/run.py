@@ -42,7 +42,7 @@ def service_prompts(settings: Settings, model_dir: Path, dialogues: Sequence[Dia
     spec = ServingSpec.load(model_dir)
     index = None
     if spec.demonstrations.k:
-        index = DemonstrationIndex(settings.index_root / spec.demonstrations.index, Encoder(settings.encoder_dir))
+        index = DemonstrationIndex(settings.index_root / spec.demonstrations.index, Encoder.from_settings(settings))
     recorder = _Recorder()
     predictor = Predictor(settings, spec, recorder, index)
     items = [Item(Dialogue(d.id, d.turns), t) for d in dialogues for t in range(len(d.turns))]
@@ -262,7 +262,8 @@ def run(settings: Settings, model_dir: Path, dialogues: int, requests: int, leve
     achieved = 2 * params * computed_per_utt * utt_per_s
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or None,
+        # "-dirty" when the tree has uncommitted changes: the figures then belong to no commit.
+        "commit": subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True).stdout.strip() or None,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {round(_mem_gib())} GiB",
         "model": str(model_dir),
         "dtype": settings.dtype,
@@ -356,7 +357,8 @@ Reproduce with:
 
 ![throughput and latency against concurrency]({png.name})
 
-Raw figures: `{md.with_suffix('.json').name}`.
+Raw figures: `{md.with_suffix('.json').name}`. Where the time goes, and what the goals missed
+would take: `profile.md` (py-spy, `python -m bench.profile`).
 """
     )
     md.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

@@ -132,7 +132,7 @@ async def load_service(settings: Settings, state: ServiceState) -> None:
         folder = settings.index_root / spec.demonstrations.index
 
         def load_index() -> DemonstrationIndex:
-            return DemonstrationIndex(folder, Encoder(settings.encoder_dir, settings.encoder_batch_size))
+            return DemonstrationIndex(folder, Encoder.from_settings(settings))
 
         index = await asyncio.to_thread(load_index)
     engine = Engine(settings, model_dir)

@@ -122,7 +122,7 @@ def _load_index(name: str):
     from service.retrieval import DemonstrationIndex, Encoder
 
     settings = get_settings()
-    return DemonstrationIndex(settings.index_root / name, Encoder(settings.encoder_dir, settings.encoder_batch_size))
+    return DemonstrationIndex(settings.index_root / name, Encoder.from_settings(settings))
 
 
 @index_app.command("build")
@@ -143,7 +143,7 @@ def index_build(
     except DataError as exc:
         raise _fail(str(exc)) from None
     path = data_file(settings.data_dir, dataset.value, src, split.value)
-    encoder = Encoder(settings.encoder_dir, settings.encoder_batch_size)
+    encoder = Encoder.from_settings(settings)
     out = settings.index_root / (name or dataset.value)
     manifest = build_index(
         dialogues, encoder, out, dataset=dataset.value, split=split.value, source=src,

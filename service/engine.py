@@ -108,7 +108,7 @@ class Engine:
             # of 32 is required there) lets utterances of a dialogue share their history.
             block_size=s.block_size or (32 if cpu else None),
             max_num_seqs=s.max_num_seqs,
-            enforce_eager=s.enforce_eager if s.enforce_eager is not None else cpu,
+            enforce_eager=s.enforce_eager,
             # Log-probabilities after the allowed-token mask: exactly the label distribution.
             logprobs_mode="processed_logprobs",
             # Our stat logger enables the statistics; vLLM's own periodic log line stays off.

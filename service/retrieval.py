@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # heavy imports stay lazy: `erc prompt --no-demonstrations` n
     import faiss
     from sentence_transformers import SentenceTransformer
 
+    from service.settings import Settings
+
 INDEX_FILE = "index.faiss"
 POOL_FILE = "pool.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -58,7 +60,7 @@ class Encoder:
     """A sentence-transformers encoder loaded offline from a folder, with an identity
     (name, dimension, weights fingerprint) that index manifests are checked against."""
 
-    def __init__(self, folder: Path | None = None, batch_size: int = 64) -> None:
+    def __init__(self, folder: Path | None = None, batch_size: int = 64, device: str = "cpu") -> None:
         # Never reach for a hub at run time, whatever the caller's environment says.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
@@ -66,7 +68,7 @@ class Encoder:
         self.folder = Path(folder) if folder else default_encoder_dir()
         if not (self.folder / "modules.json").is_file():
             raise RetrievalError(f"no sentence-transformers model in {self.folder}")
-        self.model: SentenceTransformer = SentenceTransformer(str(self.folder), device="cpu")
+        self.model: SentenceTransformer = SentenceTransformer(str(self.folder), device=device)
         self.batch_size = batch_size
         # sentence-transformers renamed the getter; keep working across versions.
         getter = getattr(self.model, "get_embedding_dimension", None) or getattr(
@@ -78,6 +80,17 @@ class Encoder:
             "dimension": self.dimension,
             "fingerprint": _weights_fingerprint(self.folder),
         }
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Encoder:
+        """The encoder the settings name, on ``ERC_ENCODER_DEVICE`` ("auto": the GPU when torch
+        sees one: beside a GPU engine, a CPU encoder would be the slowest step of a request)."""
+        device = settings.encoder_device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(settings.encoder_dir, settings.encoder_batch_size, device)
 
     def embed(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """L2-normalised float32 embeddings, one row per text."""

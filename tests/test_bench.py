@@ -29,3 +29,14 @@ def test_harness_smoke(settings, data_dir, tmp_path):
     text = md.read_text()
     assert "ratio service / baseline" in text and "erc bench --dialogues 2" in text
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_summary_counts_self_and_inclusive_time(tmp_path):
+    from bench.profile import summarize
+
+    raw = tmp_path / "engine.txt"
+    raw.write_text("main;forward;gemm 6\nmain;forward;rms_norm 3\nmain;sched 1\n")
+    text = summarize(raw)
+    assert "10 samples" in text
+    assert " 60.0%  gemm" in text and " 30.0%  rms_norm" in text and " 10.0%  sched" in text
+    assert " 90.0%  forward" in text  # inclusive: on 9 of the 10 sampled stacks

@@ -72,3 +72,15 @@ def test_meld_index_never_returns_own_dialogue(meld_index):
     texts = [next(p.text for p in meld_index.pool if p.dialogue_id == d) for d in train_ids]
     for own, hits in zip(train_ids, meld_index.search(texts, 10, train_ids)):
         assert len(hits) == 10 and all(h.dialogue_id != own for h in hits)
+
+
+def test_encoder_device_follows_the_settings(settings):
+    import torch
+
+    from service.retrieval import Encoder
+
+    auto = Encoder.from_settings(settings.model_copy(update={"encoder_device": "auto"}))
+    assert auto.model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert Encoder.from_settings(settings.model_copy(update={"encoder_device": "cpu"})).model.device.type == "cpu"
+    with pytest.raises(ValueError, match="encoder_device"):
+        type(settings)(encoder_device="tpu")

@@ -69,7 +69,7 @@ async def evaluate_async(
     spec = ServingSpec.load(model_dir)
     index = None
     if spec.demonstrations.k > 0:
-        index = DemonstrationIndex(settings.index_root / spec.demonstrations.index, Encoder(settings.encoder_dir, settings.encoder_batch_size))
+        index = DemonstrationIndex(settings.index_root / spec.demonstrations.index, Encoder.from_settings(settings))
     own_engine = engine is None
     if own_engine:
         engine = Engine(settings, model_dir)

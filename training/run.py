@@ -101,7 +101,7 @@ def load_corpus(config: TrainConfig, settings: Settings, limit: int | None = Non
     if k:
         from service.retrieval import DemonstrationIndex, Encoder
 
-        index = DemonstrationIndex(settings.index_root / config.demonstrations.index, Encoder(settings.encoder_dir, settings.encoder_batch_size))
+        index = DemonstrationIndex(settings.index_root / config.demonstrations.index, Encoder.from_settings(settings))
     own = index is not None and index.manifest["split"] == "train"
     corpus = Corpus(train, dev, retrieve_demonstrations(train, index, k, own_split=own), retrieve_demonstrations(dev, index, k, own_split=False))
     if k and cache is not None:
