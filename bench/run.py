@@ -7,7 +7,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -20,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from service import provenance
 from service.data import Dialogue, load_split
 from service.settings import Settings
 
@@ -262,9 +262,8 @@ def run(settings: Settings, model_dir: Path, dialogues: int, requests: int, leve
     achieved = 2 * params * computed_per_utt * utt_per_s
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        # "-dirty" when the tree has uncommitted changes: the figures then belong to no commit.
-        "commit": subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True).stdout.strip() or None,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {round(_mem_gib())} GiB",
+        "commit": provenance.commit(),
+        "machine": f"{provenance.machine()}, {round(_mem_gib())} GiB",
         "model": str(model_dir),
         "dtype": settings.dtype,
         "dialogues": len(data),

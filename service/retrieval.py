@@ -85,12 +85,9 @@ class Encoder:
     def from_settings(cls, settings: Settings) -> Encoder:
         """The encoder the settings name, on ``ERC_ENCODER_DEVICE`` ("auto": the GPU when torch
         sees one: beside a GPU engine, a CPU encoder would be the slowest step of a request)."""
-        device = settings.encoder_device
-        if device == "auto":
-            import torch
+        from service import devices
 
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(settings.encoder_dir, settings.encoder_batch_size, device)
+        return cls(settings.encoder_dir, settings.encoder_batch_size, devices.resolve(settings.encoder_device))
 
     def embed(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """L2-normalised float32 embeddings, one row per text."""

@@ -37,17 +37,21 @@ def arm_config(config: TrainConfig, arm: str) -> TrainConfig:
     )
 
 
-def steps_for_budget(examples: list, batch_size: int, seed: int, budget_tokens: int) -> int:
-    """Steps until the trainer's batch order (epoch after epoch) has fed ``budget_tokens``."""
+def steps_for_budget(examples: list, batch_size: int, seed: int, budget_tokens: int) -> tuple[int, int]:
+    """Steps until the trainer's batch order (epoch after epoch) has fed ``budget_tokens``, and
+    the steps of one epoch."""
     from training.trainer import batches
 
     fed, steps, epoch = 0, 0, 0
+    per_epoch = None
     while True:
-        for batch in batches(examples, batch_size, seed, epoch):
+        order = batches(examples, batch_size, seed, epoch)
+        per_epoch = per_epoch or len(order)
+        for batch in order:
             fed += sum(examples[i].length for i in batch)
             steps += 1
             if fed >= budget_tokens:
-                return steps
+                return steps, per_epoch
         epoch += 1
 
 
@@ -62,7 +66,7 @@ def ablate(
 ) -> list[dict]:
     """Train each arm for ``budget_tokens`` training tokens (a shuffled prefix, same seed) and
     score its last checkpoint on all of dev. Writes ``out_root/ablation.json`` and ``.md``."""
-    from training.trainer import batches, score_examples, train
+    from training.trainer import score_examples, train
 
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -73,12 +77,10 @@ def ablate(
         cfg = arm_config(config, arm)
         model, tokenizer = load_lora_model(cfg, base_model_dir(cfg, settings))
         train_examples, dev_examples = examples_for(cfg, corpus, tokenizer, None)
-        steps = steps_for_budget(train_examples, cfg.batch_size, cfg.seed, budget_tokens)
-        per_epoch = len(batches(train_examples, cfg.batch_size, cfg.seed, 0))
+        steps, per_epoch = steps_for_budget(train_examples, cfg.batch_size, cfg.seed, budget_tokens)
         epochs = steps / per_epoch
-        # The trainer runs ceil(per_epoch * epochs) steps; half a step less keeps float error from
-        # adding one. The arm's last step is scored; no checkpoint selection within an arm.
-        cfg = cfg.model_copy(update={"epochs": (steps - 0.5) / per_epoch, "checkpoint_every": steps + 1, "max_minutes": None})
+        # The arm's last step is scored; no checkpoint selection within an arm.
+        cfg = cfg.model_copy(update={"epochs": epochs, "max_steps": steps, "checkpoint_every": steps + 1, "max_minutes": None})
         started = time.monotonic()
         summary = train(cfg, model, tokenizer, train_examples, [], out_root / cfg.name)
         codec = LabelCodec.build(tokenizer, LABEL_SETS[cfg.dataset])

@@ -45,6 +45,8 @@ class TrainConfig(_Section):
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     epochs: float = Field(default=1.0, gt=0, description="May be fractional: a prefix of the shuffled order.")
+    #: Exactly this many optimizer steps, whatever ``epochs`` says (the ablation's token budget).
+    max_steps: int | None = Field(default=None, ge=1)
     batch_size: int = 8
     max_length: int = 1024
     seed: int = 0

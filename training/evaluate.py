@@ -6,25 +6,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from service import provenance
 from service.data import load_split
 from service.evaluation import scores
 from service.labels import DATASET_LABEL_SET, LABEL_SETS
 from service.settings import Settings
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def plot_confusion(matrix: list[list[int]], labels: tuple[str, ...], title: str, path: Path) -> None:
@@ -107,8 +99,8 @@ async def evaluate_async(
                 "utterances_per_s": round(len(items) / wall, 2),
                 "dtype": settings.dtype,
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "commit": _commit(),
-                "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+                "commit": provenance.commit(),
+                "machine": provenance.machine(),
             }
             stem = out_dir / f"{spec.model_name}-{dataset}-{split}"
             stem.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service import devices
 from service.data import Dialogue, load_split
 from service.settings import Settings
 from service.templates import Shown
@@ -28,14 +29,6 @@ def base_model_dir(config: TrainConfig, settings: Settings) -> Path:
     return base
 
 
-def training_device(config: TrainConfig) -> str:
-    import torch
-
-    if config.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return config.device
-
-
 def load_lora_model(config: TrainConfig, folder: Path) -> tuple[Any, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -44,7 +37,7 @@ def load_lora_model(config: TrainConfig, folder: Path) -> tuple[Any, Any]:
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, config.dtype))
-    model.to(training_device(config))
+    model.to(devices.resolve(config.device))
     layers = model.config.num_hidden_layers
     top = config.lora.top_layers
     lora = LoraConfig(

@@ -173,7 +173,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     per_epoch = batches(train_examples, config.batch_size, config.seed, 0)
-    total = max(1, math.ceil(len(per_epoch) * config.epochs))
+    total = config.max_steps or max(1, math.ceil(len(per_epoch) * config.epochs))
     step, history = 0, []
     if resume and (ckpt := latest_checkpoint(out)):
         from peft import set_peft_model_state_dict
