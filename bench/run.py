@@ -35,18 +35,15 @@ class _Recorder:
 
 
 def service_prompts(settings: Settings, model_dir: Path, dialogues: Sequence[Dialogue]) -> list[str]:
-    from service.predictor import Item, Predictor
-    from service.retrieval import DemonstrationIndex, Encoder
+    from service.predictor import Item, Predictor, open_indexes
     from service.spec import ServingSpec
 
     spec = ServingSpec.load(model_dir)
-    index = None
-    if spec.demonstrations.k:
-        index = DemonstrationIndex(settings.index_root / spec.demonstrations.index, Encoder.from_settings(settings))
     recorder = _Recorder()
-    predictor = Predictor(settings, spec, recorder, index)
+    predictor = Predictor(settings, spec, recorder, open_indexes(settings, spec))
     items = [Item(Dialogue(d.id, d.turns), t) for d in dialogues for t in range(len(d.turns))]
-    asyncio.run(predictor.run(items, spec.label_set))
+    # The benchmark sends MELD dialogues: MELD's prompts, as the service renders them.
+    asyncio.run(predictor.run(items, "meld"))
     return recorder.prompts
 
 

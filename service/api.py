@@ -120,28 +120,27 @@ async def load_service(settings: Settings, state: ServiceState) -> None:
     from service.data import Dialogue, Turn
     from service.engine import Engine
     from service.labels import LABEL_SETS
-    from service.retrieval import DemonstrationIndex, Encoder
+    from service.predictor import open_indexes
     from service.spec import ServingSpec
     from service.templates import erc_prompt
     from service.weights import default_model_dir
 
     model_dir = settings.model_dir or default_model_dir(settings.weights_root)
     spec = ServingSpec.load(model_dir)
-    index = None
-    if spec.demonstrations.k > 0:
-        folder = settings.index_root / spec.demonstrations.index
-
-        def load_index() -> DemonstrationIndex:
-            return DemonstrationIndex(folder, Encoder.from_settings(settings))
-
-        index = await asyncio.to_thread(load_index)
+    indexes = await asyncio.to_thread(open_indexes, settings, spec)
     engine = Engine(settings, model_dir)
+    predictor = Predictor(settings, spec, engine, indexes)
+    for name, why in predictor.unavailable.items():
+        log.warning("label set %s not served: %s", name, why)
+    if not predictor.served:
+        raise RuntimeError(f"no label set can be served by {model_dir}: " + "; ".join(f"{k}: {v}" for k, v in predictor.unavailable.items() if k in spec.label_sets))
     state.engine = engine
     await engine.start()
-    labels = LABEL_SETS[spec.label_set]
-    await engine.warm_up(erc_prompt(Dialogue("warm-up", (Turn("a", "Hello!"),)), 0, labels, spec.window), labels)
-    state.predictor = Predictor(settings, spec, engine, index)
-    log.info("ready: model %s from %s, label set %s", spec.model_name, model_dir, spec.label_set)
+    default = predictor.served[0]
+    labels = LABEL_SETS[default]
+    await engine.warm_up(erc_prompt(Dialogue("warm-up", (Turn("a", "Hello!"),)), 0, labels, spec.label_sets[default].window), labels)
+    state.predictor = predictor
+    log.info("ready: model %s from %s, serving label sets %s", spec.model_name, model_dir, ", ".join(predictor.served))
 
 
 def create_app(settings: Settings | None = None, loader: Loader = load_service) -> FastAPI:
@@ -232,7 +231,7 @@ def create_app(settings: Settings | None = None, loader: Loader = load_service) 
 
     @app.exception_handler(LimitError)
     async def limit_error(request: Request, exc: LimitError) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": [{"loc": exc.loc, "msg": exc.message, "type": "limit_exceeded"}]})
+        return JSONResponse(status_code=422, content={"detail": [{"loc": exc.loc, "msg": exc.message, "type": exc.kind}]})
 
     @app.exception_handler(PromptTooLong)
     async def too_long(request: Request, exc: PromptTooLong) -> JSONResponse:
@@ -310,9 +309,10 @@ def create_app(settings: Settings | None = None, loader: Loader = load_service) 
 
     @app.get("/ready", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def ready() -> Any:
-        """Readiness: 200 once engine, encoder and index are loaded."""
+        """Readiness: 200 once engine, encoder and indexes are loaded; lists the label sets served."""
         if state.ready:
-            return HealthResponse(status="ready")
+            assert state.predictor is not None
+            return HealthResponse(status="ready", label_sets=state.predictor.served)
         status = "draining" if state.draining else "dead" if state.dead else "failed" if state.error else "loading"
         return JSONResponse(status_code=503, content={"status": status, "detail": state.error})
 

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from service.data import DataError, load_split
+from service.data import DataError, default_source, load_split
 from service.labels import DATASET_LABEL_SET, LABEL_SETS, SPEAKER_LABEL_SETS
 from service.retrieval import RetrievalError
 from service.settings import get_settings
@@ -55,11 +55,6 @@ class Task(str, Enum):
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(1)
-
-
-def _default_source(dataset: str) -> str:
-    # The CSVs are the datasets' own (and MELD's can be fetched); IEMOCAP exists only as COSMIC.
-    return "cosmic" if dataset == "iemocap" else "csv"
 
 
 @data_app.command("fetch")
@@ -137,7 +132,7 @@ def index_build(
     from service.retrieval import Encoder, build_index
 
     settings = get_settings()
-    src = source.value if source else _default_source(dataset.value)
+    src = source.value if source else default_source(dataset.value)
     try:
         dialogues = load_split(settings.data_dir, dataset.value, split.value, src)
     except DataError as exc:
@@ -150,6 +145,32 @@ def index_build(
         data_checksum=f"sha256:{sha256_file(path)}",
     )
     typer.echo(f"wrote {out}: {manifest['count']} utterances from {manifest['dialogues']} dialogues")
+
+
+@index_app.command("ensure")
+def index_ensure() -> None:
+    """Build the index of every dataset whose training split is in ERC_DATA_DIR and whose index
+    is not built yet (index/meld, index/iemocap, index/emorynlp); say which are skipped and why."""
+    from service.data import data_file, sha256_file
+    from service.retrieval import Encoder, build_index
+
+    settings = get_settings()
+    encoder = None
+    for dataset in Dataset:
+        out = settings.index_root / dataset.value
+        src = default_source(dataset.value)
+        path = data_file(settings.data_dir, dataset.value, src, "train")
+        if (out / "manifest.json").is_file():
+            typer.echo(f"present  {out}")
+            continue
+        if not path.is_file():
+            typer.echo(f"skipped  {out}: {path} is missing; label set {dataset.value} will not be served "
+                       f"(put the file there, or point ERC_DATA_DIR at a folder that has it)")
+            continue
+        encoder = encoder or Encoder.from_settings(settings)
+        dialogues = load_split(settings.data_dir, dataset.value, "train", src)
+        manifest = build_index(dialogues, encoder, out, dataset=dataset.value, split="train", source=src, data_checksum=f"sha256:{sha256_file(path)}")
+        typer.echo(f"built    {out}: {manifest['count']} utterances from {manifest['dialogues']} dialogues")
 
 
 @app.command()
@@ -168,7 +189,7 @@ def baseline(
 
     settings = get_settings()
     label_set = DATASET_LABEL_SET[dataset.value]
-    src = source.value if source else _default_source(dataset.value)
+    src = source.value if source else default_source(dataset.value)
     try:
         dialogues = load_split(settings.data_dir, dataset.value, split.value, src)
         idx = _load_index(index or label_set)
@@ -268,13 +289,13 @@ def ablate(
 def merge(
     adapter: Annotated[Path, typer.Option(help="LoRA adapter folder (with erc.json).")],
     out: Annotated[Path, typer.Option(help="Where to write the merged, servable checkpoint.")],
-    base: Annotated[Optional[Path], typer.Option(help="Base checkpoint (default: weights/base).")] = None,
+    base: Annotated[Optional[Path], typer.Option(help="Base checkpoint (default: weights/base, or the merge of the adapter's base_adapter).")] = None,
 ) -> None:
     """Merge a LoRA adapter into its base (the same code as `erc weights build`)."""
-    from service.weights import build_all, merge_adapter
+    from service.weights import build_all, merge_adapter, merge_base
 
     settings = get_settings()
-    base = base or settings.weights_root / "base"
+    base = base or merge_base(settings.weights_root, adapter)
     if not (base / "config.json").is_file():
         build_all(settings.weights_root)
     typer.echo(f"merged {merge_adapter(base, adapter, out)}")
@@ -283,24 +304,56 @@ def merge(
 @app.command()
 def evaluate(
     model: Annotated[Optional[Path], typer.Option(help="Servable model folder (default: the served default).")] = None,
-    dataset: Annotated[EvalDataset, typer.Option(help="Dataset.")] = EvalDataset.meld,
-    split: Annotated[SplitName, typer.Option(help="Split (select on valid, report test).")] = SplitName.test,
+    dataset: Annotated[Optional[EvalDataset], typer.Option(help="Dataset (default: every dataset the model serves, valid and test, and DailyDialog test).")] = None,
+    split: Annotated[SplitName, typer.Option(help="Split, with --dataset (select on valid, report test).")] = SplitName.test,
     source: Annotated[Optional[Source], typer.Option(help="Default: csv (IEMOCAP: cosmic).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON reports and confusion-matrix PNGs.")] = Path("reports"),
     out_of_domain: Annotated[bool, typer.Option(help="Also evaluate DailyDialog test (MELD models).")] = True,
+    scores: Annotated[Optional[Path], typer.Option(help="Also write the figures a model card quotes (scores.json) here.")] = None,
 ) -> None:
     """Evaluate a model through the serving engine path; write JSON reports and confusion PNGs."""
     from service.weights import default_model_dir
-    from training.evaluate import evaluate as run_evaluation
+    from training.evaluate import evaluate as run_evaluation, scores_table, served_runs
 
     settings = get_settings()
     model_dir = model or settings.model_dir or default_model_dir(settings.weights_root)
-    src = source.value if source else _default_source(dataset.value)
-    for report in run_evaluation(model_dir, dataset.value, split.value, src, settings, out, out_of_domain):
+    if dataset is None:
+        runs = served_runs(model_dir, settings, out_of_domain=out_of_domain)
+    else:
+        runs = [(dataset.value, split.value, source.value if source else default_source(dataset.value))]
+        if out_of_domain and dataset.value == "meld" and (settings.data_dir / "DailyDialog" / "dailydialog_test.txt").is_file():
+            runs.append(("dailydialog", "test", "csv"))
+    reports = run_evaluation(model_dir, runs, settings, out)
+    for report in reports:
+        before = report["uncalibrated"]
         typer.echo(
-            f"{report['dataset']} {report['split']}: weighted F1 {report['weighted_f1']:.2f}, accuracy "
-            f"{report['accuracy']:.2f}, {report['count']} utterances in {report['wall_s']} s -> {', '.join(report['files'])}"
+            f"{report['dataset']} {report['split']}: weighted F1 {report['weighted_f1']:.2f} (uncalibrated {before['weighted_f1']:.2f}), "
+            f"accuracy {report['accuracy']:.2f}, ECE {report['ece']:.4f} (uncalibrated {before['ece']:.4f}), "
+            f"{report['count']} utterances in {report['wall_s']} s -> {', '.join(report['files'])}"
         )
+    if scores is not None:
+        scores.write_text(json.dumps(scores_table(reports), indent=1) + "\n")
+        typer.echo(f"wrote {scores}")
+
+
+@app.command()
+def calibrate(
+    model: Annotated[Optional[Path], typer.Option(help="Servable model folder (default: the served default).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the dev reports.")] = Path("reports/calibration"),
+) -> None:
+    """Fit each served label set's bias and temperature on its dev split, through the serving
+    path, and store them in the model's erc.json and in its committed adapter's."""
+    from service.weights import ADAPTERS, default_model_dir
+    from training.evaluate import calibrate as run_calibration
+
+    settings = get_settings()
+    model_dir = model or settings.model_dir or default_model_dir(settings.weights_root)
+    adapter = settings.weights_root / ADAPTERS / model_dir.name
+    also = [adapter] if (adapter / "erc.json").is_file() else []
+    fitted = run_calibration(model_dir, settings, out, also)
+    for name, cal in fitted.items():
+        typer.echo(f"{name}: temperature {cal['temperature']}, bias {cal['bias']} ({cal['fitted_on']})")
+    typer.echo("written to " + ", ".join(str(p / "erc.json") for p in (model_dir, *also)))
 
 
 @app.command()

@@ -84,6 +84,12 @@ def data_file(data_dir: Path, dataset: str, source: str, split: Split) -> Path:
     raise DataError(f"no {source} source for {dataset} {split}")
 
 
+def default_source(dataset: str) -> str:
+    """The source a dataset is read from unless one is named: its own CSVs (MELD's can be
+    fetched), except IEMOCAP, which exists only as InstructERC's ``*.pkl.json``."""
+    return "cosmic" if dataset == "iemocap" else "csv"
+
+
 def load_split(data_dir: Path, dataset: str, split: Split, source: str = "cosmic") -> list[Dialogue]:
     """Read one split of one dataset from ``data_dir`` (the folder named by ``ERC_DATA_DIR``)."""
     path = data_file(data_dir, dataset, source, split)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-from service import metrics
+from service import calibration, metrics
 from service.data import Dialogue, Turn
 from service.labels import DATASET_LABEL_SET, LABEL_SETS
 from service.retrieval import Demonstration, DemonstrationIndex
@@ -34,10 +34,11 @@ from service.templates import Shown, erc_prompt
 class LimitError(ValueError):
     """A request over a configured limit; ``loc`` names the field as FastAPI's errors do."""
 
-    def __init__(self, loc: Sequence[str | int], message: str, top: str = "body") -> None:
+    def __init__(self, loc: Sequence[str | int], message: str, top: str = "body", kind: str = "limit_exceeded") -> None:
         super().__init__(message)
         self.loc = [top, *loc] if top != "header" else list(loc)
         self.message = message
+        self.kind = kind
 
 
 class Classifier(Protocol):
@@ -50,6 +51,30 @@ class Item:
 
     dialogue: Dialogue
     target: int
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One classified utterance: the served (calibrated) prediction, the engine's own
+    distribution, and what the prompt showed."""
+
+    prediction: Prediction
+    raw: list[float]
+    prompt: str
+    demonstrations: list[Demonstration]
+
+
+def open_indexes(settings: Settings, spec: ServingSpec) -> dict[str, DemonstrationIndex]:
+    """The demonstration index of every label set of ``spec`` that uses one and whose index is
+    built; a missing index leaves its label set unserved (see :class:`Predictor`)."""
+    from service.retrieval import Encoder
+
+    wanted = {entry.demonstrations.index for entry in spec.label_sets.values() if entry.demonstrations.k > 0}
+    present = [name for name in sorted(wanted) if (settings.index_root / name / "manifest.json").is_file()]
+    if not present:
+        return {}
+    encoder = Encoder.from_settings(settings)
+    return {name: DemonstrationIndex(settings.index_root / name, encoder) for name in present}
 
 
 def check_dialogue(d: DialogueIn, loc: list[str | int], s: Settings) -> None:
@@ -73,62 +98,85 @@ def to_dialogue(d: DialogueIn) -> Dialogue:
 
 
 class Predictor:
-    """Classifies utterances with a model's spec, its demonstration index and an engine."""
+    """Classifies utterances with a model's spec, its demonstration indexes and an engine.
+
+    A label set is served only when the model was trained on it and, if its prompts show
+    demonstrations, its index is loaded: anything else would be a confident guess."""
 
     def __init__(
         self,
         settings: Settings,
         spec: ServingSpec,
         engine: Classifier,
-        index: DemonstrationIndex | None,
+        indexes: Mapping[str, DemonstrationIndex],
     ) -> None:
         self.settings = settings
         self.spec = spec
         self.engine = engine
-        self.index = index
+        self.indexes = dict(indexes)
+        self.unavailable = {name: why for name in LABEL_SETS if (why := self._why_unservable(name))}
+
+    def _why_unservable(self, name: str) -> str | None:
+        entry = self.spec.label_sets.get(name)
+        if entry is None:
+            trained = ", ".join(self.spec.label_sets)
+            return f"the served model {self.spec.model_name} was not trained on it (it serves: {trained})"
+        if entry.demonstrations.k == 0:
+            return None
+        index = self.indexes.get(entry.demonstrations.index)
+        folder = self.settings.index_root / entry.demonstrations.index
+        if index is None:
+            return f"its demonstration index {folder} is missing; build it with `erc index build --dataset {name}`"
+        pool = DATASET_LABEL_SET.get(index.manifest.get("dataset", ""))
+        if pool != name:
+            return f"its demonstration index {folder} holds {pool} labels; rebuild it with `erc index build --dataset {name}`"
+        return None
+
+    @property
+    def served(self) -> list[str]:
+        """The label sets this predictor answers, the default first."""
+        names = [n for n in self.spec.label_sets if n not in self.unavailable]
+        return sorted(names, key=lambda n: n != self.spec.default_label_set)
 
     def _label_set(self, requested: str | None) -> str:
-        return requested or self.spec.label_set
-
-    def _retrieves_for(self, label_set: str) -> bool:
-        # Demonstrations carry their pool's labels: show them only with that label set.
-        return (
-            self.index is not None
-            and self.spec.demonstrations.k > 0
-            and DATASET_LABEL_SET.get(self.index.manifest["dataset"]) == label_set
-        )
+        name = requested or self.spec.default_label_set
+        if name in self.unavailable:
+            raise LimitError(["label_set"], f"label set {name!r} cannot be served: {self.unavailable[name]}", kind="label_set_unavailable")
+        return name
 
     async def _retrieve(self, items: Sequence[Item], label_set: str, exclude_own: bool) -> list[list[Demonstration]]:
-        if not self._retrieves_for(label_set):
+        demos = self.spec.label_sets[label_set].demonstrations
+        if demos.k == 0:
             return [[] for _ in items]
-        assert self.index is not None
+        index = self.indexes[demos.index]
         texts = [item.dialogue.turns[item.target].text for item in items]
         own = [item.dialogue.id for item in items] if exclude_own else None
         start = time.perf_counter()
         # Embedding is CPU-bound: keep it off the event loop.
-        found = await asyncio.to_thread(self.index.search, texts, self.spec.demonstrations.k, own)
+        found = await asyncio.to_thread(index.search, texts, demos.k, own)
         metrics.RETRIEVAL_LATENCY.observe(time.perf_counter() - start)
         return found
 
-    async def run(
-        self, items: Sequence[Item], label_set: str, exclude_own: bool = False
-    ) -> list[tuple[Prediction, str, list[Demonstration]]]:
+    async def run(self, items: Sequence[Item], label_set: str, exclude_own: bool = False) -> list[Scored]:
         """Classify ``items``; ``exclude_own`` keeps each item's own dialogue out of its
         demonstrations (evaluating a split that is in the pool)."""
+        label_set = self._label_set(label_set)
+        entry = self.spec.label_sets[label_set]
         labels = LABEL_SETS[label_set]
         demonstrations = await self._retrieve(items, label_set, exclude_own)
         prompts = [
-            erc_prompt(item.dialogue, item.target, labels, self.spec.window, [Shown(d.text, d.label) for d in demos])
+            erc_prompt(item.dialogue, item.target, labels, entry.window, [Shown(d.text, d.label) for d in demos])
             for item, demos in zip(items, demonstrations)
         ]
         started = time.perf_counter()
         distributions = await self.engine.classify(prompts, labels)
         metrics.ENGINE_LATENCY.observe(time.perf_counter() - started)
         results = []
-        for probs, prompt, demos in zip(distributions, prompts, demonstrations):
+        for raw, prompt, demos in zip(distributions, prompts, demonstrations):
+            probs = calibration.apply(raw, entry.calibration)
             best = max(range(len(labels)), key=lambda i: probs[i])
             metrics.PREDICTIONS.labels(label_set, labels[best]).inc()
-            results.append((Prediction(label=labels[best], scores=dict(zip(labels, probs))), prompt, demos))
+            results.append(Scored(Prediction(label=labels[best], scores=dict(zip(labels, probs))), list(raw), prompt, demos))
         return results
 
     async def predict(self, request: PredictRequest) -> PredictResponse:
@@ -138,9 +186,10 @@ class Predictor:
         if not 0 <= target < n:
             raise LimitError(["target"], f"target {target} is outside the dialogue's turns 0..{n - 1}")
         label_set = self._label_set(request.label_set)
-        [(prediction, prompt, demos)] = await self.run([Item(to_dialogue(request.dialogue), target)], label_set)
+        [scored] = await self.run([Item(to_dialogue(request.dialogue), target)], label_set)
+        prompt, demos = scored.prompt, scored.demonstrations
         return PredictResponse(
-            **prediction.model_dump(),
+            **scored.prediction.model_dump(),
             id=request.dialogue.id,
             target=target,
             label_set=label_set,
@@ -168,7 +217,7 @@ class Predictor:
         results = iter(await self.run(items, label_set))
         return PredictDialogueResponse(
             results=[
-                DialogueResult(id=d.id, predictions=[next(results)[0] for _ in d.turns]) for d in request.dialogues
+                DialogueResult(id=d.id, predictions=[next(results).prediction for _ in d.turns]) for d in request.dialogues
             ],
             label_set=label_set,
             model=self.spec.model_name,

@@ -56,7 +56,11 @@ def _check_label_set(value: str | None) -> str | None:
 class PredictRequest(_Strict):
     dialogue: DialogueIn
     target: int | None = Field(default=None, description="Index of the turn to classify; default: the last turn.")
-    label_set: str | None = Field(default=None, description="meld, iemocap or emorynlp; default: the model's.")
+    label_set: str | None = Field(
+        default=None,
+        description="meld, iemocap or emorynlp; default: the model's. A label set the model does not serve "
+        "(not trained on it, or its index is missing) gets a 422 saying which; /ready lists those served.",
+    )
     debug: bool = Field(default=False, description="Also return the rendered prompt and the retrieved demonstrations.")
 
     _label_set = field_validator("label_set")(_check_label_set)
@@ -64,7 +68,11 @@ class PredictRequest(_Strict):
 
 class PredictDialogueRequest(_Strict):
     dialogues: list[DialogueIn] = Field(min_length=1)
-    label_set: str | None = Field(default=None, description="meld, iemocap or emorynlp; default: the model's.")
+    label_set: str | None = Field(
+        default=None,
+        description="meld, iemocap or emorynlp; default: the model's. A label set the model does not serve "
+        "(not trained on it, or its index is missing) gets a 422 saying which; /ready lists those served.",
+    )
 
     _label_set = field_validator("label_set")(_check_label_set)
 
@@ -104,3 +112,4 @@ class PredictDialogueResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: str
     detail: str | None = None
+    label_sets: list[str] | None = Field(default=None, description="Label sets served (on /ready), the default first.")

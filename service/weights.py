@@ -117,33 +117,65 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
 
 
 def adapters(weights_root: Path) -> list[Path]:
-    """Committed LoRA adapters (folders holding ``adapter_config.json`` and ``erc.json``)."""
+    """Committed LoRA adapters (folders holding ``adapter_config.json`` and ``erc.json``), each
+    after the adapter it was trained on top of (its ``base_adapter``), else by name."""
     root = weights_root / ADAPTERS
-    return sorted(p for p in root.glob("*/") if (p / "adapter_config.json").is_file() and (p / SPEC_FILE).is_file())
+    found = {p.name: p for p in sorted(root.glob("*/")) if (p / "adapter_config.json").is_file() and (p / SPEC_FILE).is_file()}
+    ordered: list[Path] = []
+    placed: set[str] = set()
+    pending = dict(found)
+    while pending:
+        ready = [name for name, p in pending.items() if (ServingSpec.load(p).base_adapter or BASE_NAME) in placed | {BASE_NAME}]
+        if not ready:
+            raise WeightsError(f"adapters {', '.join(pending)} name a base_adapter that is not committed (or a cycle)")
+        for name in ready:
+            ordered.append(pending.pop(name))
+            placed.add(name)
+    return ordered
+
+
+def merge_base(weights_root: Path, adapter_dir: Path) -> Path:
+    """The checkpoint an adapter merges into: weights/base, or the merge of its base adapter."""
+    return weights_root / (ServingSpec.load(adapter_dir).base_adapter or BASE_NAME)
 
 
 def build_all(weights_root: Path, force: bool = False) -> list[str]:
-    """Build ``base/`` from the embedded GGUF and merge every committed adapter; skip folders
-    that are already built unless ``force``."""
+    """Build ``base/`` from the embedded GGUF and merge every committed adapter (an adapter
+    trained on top of another into that one's merge); skip folders already built unless
+    ``force``."""
     done = []
     base = weights_root / BASE_NAME
+    rebuilt = set()
     if force or not (base / SPEC_FILE).is_file():
         convert_gguf(embedded_gguf(), base)
         done.append(f"built    {base}")
+        rebuilt.add(BASE_NAME)
     else:
         done.append(f"present  {base}")
     for adapter in adapters(weights_root):
         out = weights_root / adapter.name
-        if force or not (out / SPEC_FILE).is_file():
-            merge_adapter(base, adapter, out)
-            done.append(f"merged   {out}")
+        parent = merge_base(weights_root, adapter)
+        if force or parent.name in rebuilt or not (out / SPEC_FILE).is_file():
+            merge_adapter(parent, adapter, out)
+            done.append(f"merged   {out} (into {parent.name})")
+            rebuilt.add(adapter.name)
         else:
             done.append(f"present  {out}")
     return done
 
 
+DEFAULT_FILE = "DEFAULT"
+
+
 def default_model_dir(weights_root: Path) -> Path:
-    """The model served when ``ERC_MODEL_DIR`` is unset: the first committed adapter, merged,
-    or else the embedded base model."""
+    """The model served when ``ERC_MODEL_DIR`` is unset: the adapter named in
+    ``weights/adapters/DEFAULT`` (else the first committed one), merged; without adapters, the
+    embedded base model."""
+    named = weights_root / ADAPTERS / DEFAULT_FILE
+    if named.is_file():
+        name = named.read_text().strip()
+        if not (weights_root / ADAPTERS / name / SPEC_FILE).is_file():
+            raise WeightsError(f"{named} names {name!r}, which is not a committed adapter")
+        return weights_root / name
     found = adapters(weights_root)
     return weights_root / (found[0].name if found else BASE_NAME)

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from service.api import ServiceState, create_app
 from service.predictor import Predictor
 from service.settings import Settings
-from service.spec import Demonstrations, ServingSpec
+from service.spec import Calibration, Demonstrations, ServingSpec
 from tests.doubles import FakeEngine
 
 LIMITS = dict(max_turns=5, max_text_chars=50, max_speaker_chars=10, max_dialogues=2, max_batch_turns=6)
@@ -27,7 +27,7 @@ def client():
 
     async def loader(s: Settings, state: ServiceState) -> None:
         state.engine = engine
-        state.predictor = Predictor(s, ServingSpec(demonstrations=Demonstrations(k=0), model_name="fake"), engine, None)
+        state.predictor = Predictor(s, ServingSpec(demonstrations=Demonstrations(k=0), model_name="fake"), engine, {})
 
     with TestClient(create_app(settings, loader=loader)) as c:
         for _ in range(100):
@@ -138,3 +138,61 @@ def test_openapi_documents_both_endpoints(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/predict", "/predict_dialogue", "/health", "/ready"} <= set(paths)
     assert client.get("/docs").status_code == 200
+
+
+@pytest.fixture
+def two_set_client(tmp_path):
+    """A model trained on MELD (no demonstrations, calibrated) and IEMOCAP (demonstrations from
+    an index that was never built); EmoryNLP not trained."""
+    from service.spec import Calibration, LabelSetSpec
+
+    settings = Settings(index_root=tmp_path / "index", **LIMITS)
+    engine = FakeEngine()
+    push_fear = Calibration(bias=[0, 0, 9, 0, 0, 0, 0], temperature=2.0, fitted_on="test")
+    spec = ServingSpec(
+        label_sets={
+            "meld": LabelSetSpec(demonstrations=Demonstrations(k=0), calibration=push_fear),
+            "iemocap": LabelSetSpec(demonstrations=Demonstrations(k=3, index="iemocap")),
+        },
+        model_name="two-sets",
+    )
+
+    async def loader(s: Settings, state: ServiceState) -> None:
+        state.engine = engine
+        state.predictor = Predictor(s, spec, engine, {})
+
+    with TestClient(create_app(settings, loader=loader)) as c:
+        for _ in range(100):
+            if c.get("/ready").status_code == 200:
+                break
+        yield c
+
+
+def test_ready_lists_the_label_sets_served(two_set_client):
+    assert two_set_client.get("/ready").json() == {"status": "ready", "detail": None, "label_sets": ["meld"]}
+
+
+@pytest.mark.parametrize(
+    ("label_set", "words"),
+    [
+        ("emorynlp", ["'emorynlp' cannot be served", "not trained on it", "serves: meld, iemocap"]),
+        ("iemocap", ["'iemocap' cannot be served", "index", "is missing", "erc index build --dataset iemocap"]),
+    ],
+)
+def test_a_label_set_that_cannot_be_served_is_a_clear_422(two_set_client, label_set, words):
+    for path, body in (("/predict", {"dialogue": _dialogue(2)}), ("/predict_dialogue", {"dialogues": [_dialogue(2)]})):
+        loc, msg = _error(two_set_client.post(path, json={**body, "label_set": label_set}))
+        assert loc == ["body", "label_set"]
+        assert all(w in msg for w in words), msg
+        assert two_set_client.post(path, json={**body, "label_set": label_set}).json()["detail"][0]["type"] == "label_set_unavailable"
+
+
+def test_served_scores_are_the_calibrated_distribution(two_set_client):
+    from service.calibration import apply
+
+    body = two_set_client.post("/predict", json={"dialogue": _dialogue(3), "debug": True}).json()
+    # The double's distribution of this very prompt, calibrated as erc.json says.
+    [raw] = asyncio.run(FakeEngine().classify([body["prompt"]], list(body["scores"])))
+    expected = apply(raw, Calibration(bias=[0, 0, 9, 0, 0, 0, 0], temperature=2.0))
+    assert list(body["scores"].values()) == pytest.approx(expected)
+    assert body["label"] == "fear"  # the bias of 9 moves every decision to fear

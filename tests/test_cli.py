@@ -57,3 +57,20 @@ def test_retrieval_baseline_beats_majority(data_dir, meld_index, tmp_path):
     # Measured here: 50.96 at k=10; the band guards against a broken index or vote.
     assert 48 <= figures["weighted_f1"] <= 54
     assert f"weighted_f1: {figures['weighted_f1']}" in out.stdout
+
+
+def test_index_ensure_keeps_built_indexes_and_says_what_it_skips(settings, data_dir, tmp_path):
+    """`make serve`/`make test` run `erc index ensure`: one index per label set whose training
+    data is present; an absent dataset is skipped with a message naming the file."""
+    index_root, data = tmp_path / "index", tmp_path / "data"
+    index_root.mkdir()
+    data.mkdir()
+    for name in ("meld", "emorynlp"):
+        (index_root / name).symlink_to(require(settings.index_root / name, f"erc index build --dataset {name}"))
+    out = erc("index", "ensure", env={"ERC_INDEX_ROOT": str(index_root), "ERC_DATA_DIR": str(data)})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("present") and lines[0].endswith("meld")
+    assert lines[1].startswith("skipped") and "iemocap" in lines[1] and "iemocap.pkl.json is missing" in lines[1]
+    assert "will not be served" in lines[1] and lines[2].startswith("present")
+    assert not (index_root / "iemocap").exists()

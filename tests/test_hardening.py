@@ -32,7 +32,7 @@ def make_app(engine=None, **settings):
     app = create_app(Settings(**settings), loader=_noop)
     state = app.state.service
     state.engine = engine
-    state.predictor = Predictor(app_settings(app, settings), ServingSpec(demonstrations=Demonstrations(k=0), model_name="fake"), engine, None)
+    state.predictor = Predictor(app_settings(app, settings), ServingSpec(demonstrations=Demonstrations(k=0), model_name="fake"), engine, {})
     return app
 
 

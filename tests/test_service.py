@@ -100,11 +100,27 @@ def test_debug_returns_the_rendered_prompt_and_demonstrations(live, meld_dialogu
     assert body["prompt"] == erc_prompt(Dialogue(d.id, tuple(Turn(t.speaker, t.text) for t in d.turns)), 1, MELD, 12, shown)
 
 
-def test_other_label_set_is_served_without_foreign_demonstrations(live, meld_dialogues):
-    body = live.post("/predict", json={"dialogue": _api(meld_dialogues[0]), "label_set": "iemocap", "debug": True}).json()
-    _check_distribution(body, LABEL_SETS["iemocap"])
-    assert body["demonstrations"] == [] and "Similar utterances" not in body["prompt"]
-    assert body["prompt"].endswith("from <happy, sad, neutral, angry, excited, frustrated>:")
+@pytest.mark.parametrize("label_set", list(LABEL_SETS))
+def test_each_label_set_is_served_from_its_own_index_or_refused(live, meld_dialogues, settings, label_set):
+    """A served label set shows demonstrations of its own index only; one the model was not
+    trained on (or whose index is missing) is a 422 naming it, never a confident guess."""
+    from service.spec import ServingSpec
+
+    engine = live.app.state.service.engine
+    spec = ServingSpec.load(engine.model_dir)
+    served = live.get("/ready").json()["label_sets"]
+    response = live.post("/predict", json={"dialogue": _api(meld_dialogues[0]), "label_set": label_set, "debug": True})
+    if label_set not in served:
+        assert label_set not in spec.label_sets or not (settings.index_root / label_set / "manifest.json").is_file()
+        assert response.status_code == 422 and f"{label_set!r} cannot be served" in response.json()["detail"][0]["msg"]
+        return
+    body = response.json()
+    labels = LABEL_SETS[label_set]
+    _check_distribution(body, labels)
+    assert body["prompt"].endswith(f"from <{', '.join(labels)}>:")
+    entry = spec.label_sets[label_set]
+    assert len(body["demonstrations"]) == entry.demonstrations.k
+    assert {d["label"] for d in body["demonstrations"]} <= set(labels)
 
 
 def test_general_scoring_path_matches_transformers(live, settings):

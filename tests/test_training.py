@@ -201,7 +201,7 @@ def test_checkpoints_resume_and_best_dev_selection(tokenizer, tmp_path):
     a = load_file(str(tmp_path / "full" / "checkpoint-000004" / "adapter_model.safetensors"))
     b = load_file(str(out / "checkpoint-000004" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert (out / "best" / "selected.json").is_file() and ServingSpec.load(out / "best").label_set == "meld"
+    assert (out / "best" / "selected.json").is_file() and list(ServingSpec.load(out / "best").label_sets) == ["meld"]
 
 
 def _handmade_cache(path: Path, settings, limit: int, k: int = 3) -> None:
@@ -261,3 +261,62 @@ def test_ablation_trains_every_arm_on_the_same_token_budget(settings, data_dir, 
     assert "| erc | erc | no |" in table and "| all | erc, speaker, prediction | yes |" in table
     with pytest.raises(ValueError, match="unknown arms"):
         ablate(config, settings, budget, ["erc", "bogus"], tmp_path / "x", limit=4, demonstrations_cache=cache)
+
+
+def test_mixed_run_keeps_each_datasets_label_set_window_and_index():
+    config = TrainConfig.load(CONFIGS / "smollm2-erc3.toml")
+    parts = {part.dataset: (part, cap) for part, cap in config.parts()}
+    assert set(parts) == {"meld", "iemocap", "emorynlp"}
+    assert parts["iemocap"][0].source == "cosmic" and parts["emorynlp"][0].source == "csv"
+    assert parts["meld"][0].window == 12 and parts["iemocap"][0].window == config.window
+    assert all(part.demonstrations.index == name for name, (part, _) in parts.items())
+    assert parts["meld"][1] == 2000 and parts["iemocap"][1] is None
+    from training.trainer import spec_for
+
+    spec = spec_for(config)
+    assert spec.default_label_set == "meld" and spec.base_adapter == "smollm2-meld-full"
+    assert {n: (e.window, e.demonstrations.index) for n, e in spec.label_sets.items()} == {
+        n: (p.window, p.demonstrations.index) for n, (p, _) in parts.items()
+    }
+
+
+def test_mixed_examples_are_scored_per_label_set(tokenizer, tmp_path):
+    """Dev selection of a mixed run: weighted F1 per label set, each counted the same."""
+    from peft import LoraConfig, get_peft_model
+
+    from training.trainer import train
+
+    iemocap = Dialogue("i1", (Turn("M", "I lost it all.", "sad"), Turn("F", "Oh no.", "frustrated")))
+    examples = build_examples([DIALOGUE] * 4, "meld", tokenizer, ["erc"], 12, {}, 1024) + build_examples([iemocap] * 4, "iemocap", tokenizer, ["erc"], 12, {}, 1024)
+    assert {e.label_set for e in examples} == {"meld", "iemocap"}
+    assert all(("<happy, sad" in tokenizer.decode(e.prompt_ids)) == (e.label_set == "iemocap") for e in examples)
+    config = TrainConfig(name="mixed", epochs=1, batch_size=4, eval_every=2, eval_examples=8, autocast_bf16=False)
+    model = get_peft_model(tiny_llama(tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    train(config, model, tokenizer, examples, examples, tmp_path, log=lambda *_: None)
+    history = json.loads((tmp_path / "checkpoint-000002" / "history.json").read_text())
+    scored = [h for h in history if "dev_per_label_set" in h][-1]
+    per_set = scored["dev_per_label_set"]
+    assert set(per_set) == {"meld", "iemocap"}
+    assert scored["dev_weighted_f1"] == pytest.approx((per_set["meld"]["weighted_f1"] + per_set["iemocap"]["weighted_f1"]) / 2)
+    assert set(per_set["iemocap"]["predicted_counts"]) <= set(LABEL_SETS["iemocap"])
+
+
+def test_stacked_adapters_merge_in_order_and_the_default_is_named(tmp_path):
+    from service.spec import Demonstrations, LabelSetSpec
+    from service.weights import WeightsError, adapters, default_model_dir, merge_base
+
+    root = tmp_path / "weights"
+    for name, base in (("a-top", "z-bottom"), ("z-bottom", None)):
+        folder = root / "adapters" / name
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+        ServingSpec(label_sets={"meld": LabelSetSpec(demonstrations=Demonstrations(k=0))}, model_name=name, base_adapter=base).save(folder)
+    assert [p.name for p in adapters(root)] == ["z-bottom", "a-top"]  # the base first, whatever the names
+    assert merge_base(root, root / "adapters" / "a-top") == root / "z-bottom"
+    assert merge_base(root, root / "adapters" / "z-bottom") == root / "base"
+    assert default_model_dir(root) == root / "z-bottom"
+    (root / "adapters" / "DEFAULT").write_text("a-top\n")
+    assert default_model_dir(root) == root / "a-top"
+    (root / "adapters" / "DEFAULT").write_text("gone\n")
+    with pytest.raises(WeightsError, match="names 'gone'"):
+        default_model_dir(root)

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.data import default_source
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -27,6 +29,22 @@ class DemonstrationsSection(_Section):
     enabled: bool = True
     k: int = 3
     index: str = "meld"
+
+
+class MixtureItem(_Section):
+    """One dataset of a multi-dataset run (InstructERC's unified setting): its examples keep
+    their own label statement, label set, window and demonstrations."""
+
+    dataset: Literal["meld", "iemocap", "emorynlp"]
+    #: Default: csv (IEMOCAP: cosmic, the only form it exists in).
+    source: Literal["csv", "cosmic"] | None = None
+    #: Default: the run's window.
+    window: int | None = None
+    #: Default: the run's demonstrations section with this dataset's own index.
+    demonstrations: DemonstrationsSection | None = None
+    #: A seeded sample of this many training examples (e.g. a replay share of a dataset the
+    #: base model was already trained on); None: all of them.
+    max_train_examples: int | None = Field(default=None, ge=1)
 
 
 class TrainConfig(_Section):
@@ -61,6 +79,25 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     #: "auto": the GPU when torch sees one, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Several datasets in one run; empty: the single ``dataset`` above.
+    mixture: list[MixtureItem] = []
+
+    def parts(self) -> list[tuple["TrainConfig", int | None]]:
+        """One single-dataset config per dataset of the run, with its training-example cap."""
+        if not self.mixture:
+            return [(self, None)]
+        out = []
+        for item in self.mixture:
+            demos = item.demonstrations or self.demonstrations.model_copy(update={"index": item.dataset})
+            part = self.model_copy(update={
+                "dataset": item.dataset,
+                "source": item.source or default_source(item.dataset),
+                "window": self.window if item.window is None else item.window,
+                "demonstrations": demos,
+                "mixture": [],
+            })
+            out.append((part, item.max_train_examples))
+        return out
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":

@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from service import provenance
-from service.data import load_split
+from service.data import default_source, load_split
 from service.evaluation import scores
 from service.labels import DATASET_LABEL_SET, LABEL_SETS
 from service.settings import Settings
@@ -42,6 +43,16 @@ def plot_confusion(matrix: list[list[int]], labels: tuple[str, ...], title: str,
     plt.close(fig)
 
 
+def _metrics(gold: list[str], probs: np.ndarray, labels: tuple[str, ...]) -> dict[str, Any]:
+    from service.calibration import expected_calibration_error
+
+    predicted = [labels[i] for i in probs.argmax(axis=1)]
+    result = scores(gold, predicted, labels)
+    result["ece"] = expected_calibration_error(probs, [labels.index(g) for g in gold])
+    result["mean_confidence"] = float(probs.max(axis=1).mean())
+    return result
+
+
 async def evaluate_async(
     model_dir: Path,
     runs: list[tuple[str, str, str]],
@@ -52,21 +63,23 @@ async def evaluate_async(
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate on each ``(dataset, split, source)``. ``engine``: a running engine to reuse
-    (else one is started and shut down); ``limit``: only the first N dialogues of each split."""
+    (else one is started and shut down); ``limit``: only the first N dialogues of each split.
+
+    The headline figures are those of the served (calibrated) distribution; ``uncalibrated``
+    holds the engine's own. Each returned report also carries ``distributions`` (the engine's,
+    one row per utterance) and ``gold`` for fitting a calibration; the JSON written omits them."""
+    from service.calibration import apply_many
     from service.engine import Engine
-    from service.predictor import Item, Predictor
-    from service.retrieval import DemonstrationIndex, Encoder
+    from service.predictor import Item, Predictor, open_indexes
     from service.spec import ServingSpec
 
     spec = ServingSpec.load(model_dir)
-    index = None
-    if spec.demonstrations.k > 0:
-        index = DemonstrationIndex(settings.index_root / spec.demonstrations.index, Encoder.from_settings(settings))
+    indexes = open_indexes(settings, spec)
     own_engine = engine is None
     if own_engine:
         engine = Engine(settings, model_dir)
         await engine.start()
-    predictor = Predictor(settings, spec, engine, index)
+    predictor = Predictor(settings, spec, engine, indexes)
     reports = []
     try:
         for dataset, split, source in runs:
@@ -74,18 +87,23 @@ async def evaluate_async(
             dialogues = load_split(settings.data_dir, dataset, split, source)[:limit]
             items = [Item(d, t) for d in dialogues for t in range(len(d.turns))]
             gold = [d.turns[t].label for d in dialogues for t in range(len(d.turns))]
+            entry = spec.label_sets.get(label_set)
+            index = indexes.get(entry.demonstrations.index) if entry else None
             own = index is not None and index.manifest["dataset"] == dataset and index.manifest["split"] == split
-            predicted: list[str] = []
+            raw: list[list[float]] = []
             start = time.perf_counter()
             with tqdm(total=len(items), desc=f"{dataset} {split}", unit="utt", dynamic_ncols=True) as bar:
                 for begin in range(0, len(items), chunk):
                     batch = items[begin:begin + chunk]
-                    results = await predictor.run(batch, label_set, exclude_own=own)
-                    predicted.extend(r[0].label for r in results)
+                    raw.extend(r.raw for r in await predictor.run(batch, label_set, exclude_own=own))
                     bar.update(len(batch))
             wall = time.perf_counter() - start
             labels = LABEL_SETS[label_set]
-            result = scores(gold, predicted, labels)
+            engine_probs = np.asarray(raw, dtype=np.float64)
+            calibration = entry.calibration if entry else None
+            served = apply_many(engine_probs, calibration) if calibration else engine_probs
+            result = _metrics(gold, served, labels)
+            before = _metrics(gold, engine_probs, labels)
             report = {
                 "model": spec.model_name,
                 "model_dir": str(model_dir),
@@ -94,7 +112,9 @@ async def evaluate_async(
                 "source": source,
                 "label_set": label_set,
                 "labels": list(labels),
-                **{k: result[k] for k in ("count", "weighted_f1", "accuracy", "per_class", "confusion_matrix", "predicted_counts")},
+                "calibrated": calibration is not None,
+                **{k: result[k] for k in ("count", "weighted_f1", "accuracy", "ece", "mean_confidence", "per_class", "confusion_matrix", "predicted_counts")},
+                "uncalibrated": {k: before[k] for k in ("weighted_f1", "accuracy", "ece", "mean_confidence", "predicted_counts")},
                 "wall_s": round(wall, 1),
                 "utterances_per_s": round(len(items) / wall, 2),
                 "dtype": settings.dtype,
@@ -107,6 +127,7 @@ async def evaluate_async(
             Path(f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
             plot_confusion(result["confusion_matrix"], labels, f"{spec.model_name}: {dataset} {split}, weighted F1 {result['weighted_f1']:.2f}", Path(f"{stem}.png"))
             report["files"] = [f"{stem}.json", f"{stem}.png"]
+            report["distributions"], report["gold"] = raw, gold
             reports.append(report)
     finally:
         if own_engine:
@@ -114,11 +135,55 @@ async def evaluate_async(
     return reports
 
 
-def evaluate(model_dir: Path, dataset: str, split: str, source: str, settings: Settings, out_dir: Path, out_of_domain: bool = True, chunk: int = 256) -> list[dict[str, Any]]:
-    """Evaluate ``model_dir`` on ``dataset``/``split``; with ``out_of_domain`` and a MELD model,
-    also on DailyDialog test (labels mapped onto MELD's)."""
-    runs = [(dataset, split, source)]
-    if out_of_domain and DATASET_LABEL_SET[dataset] == "meld" and dataset != "dailydialog":
+def served_runs(model_dir: Path, settings: Settings, splits: tuple[str, ...] = ("valid", "test"), out_of_domain: bool = True) -> list[tuple[str, str, str]]:
+    """Every split of every dataset whose label set the model serves, plus DailyDialog test
+    (out of domain, MELD labels) when MELD is served and its file is present."""
+    from service.spec import ServingSpec
+
+    spec = ServingSpec.load(model_dir)
+    runs = [(name, split, default_source(name)) for name in spec.label_sets for split in splits]
+    if out_of_domain and "meld" in spec.label_sets and "test" in splits:
         if (settings.data_dir / "DailyDialog" / "dailydialog_test.txt").is_file():
             runs.append(("dailydialog", "test", "csv"))
+    return runs
+
+
+def calibrate(model_dir: Path, settings: Settings, out_dir: Path, also: list[Path] = ()) -> dict[str, Any]:
+    """Fit each served label set's calibration on its dev split (through the serving path) and
+    write it into ``model_dir``'s erc.json and those of ``also`` (the adapter it was merged from)."""
+    from service.calibration import fit
+    from service.spec import ServingSpec
+
+    spec = ServingSpec.load(model_dir)
+    runs = [(name, "valid", default_source(name)) for name in spec.label_sets]
+    reports = asyncio.run(evaluate_async(model_dir, runs, settings, out_dir))
+    for report in reports:
+        labels = report["labels"]
+        gold = [labels.index(g) for g in report["gold"]]
+        spec.label_sets[report["label_set"]].calibration = fit(report["distributions"], gold, f"{report['dataset']} {report['split']}, {report['count']} utterances")
+    for folder in (model_dir, *also):
+        target = ServingSpec.load(folder)
+        for name, entry in spec.label_sets.items():
+            target.label_sets[name].calibration = entry.calibration
+        target.save(folder)
+    return {name: entry.calibration.model_dump() for name, entry in spec.label_sets.items() if entry.calibration}
+
+
+def scores_table(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures a model card quotes, keyed ``"<dataset> <split>"`` (what the suite re-checks)."""
+    out: dict[str, Any] = {}
+    for r in reports:
+        out[f"{r['dataset']} {r['split']}"] = {
+            "weighted_f1": round(r["weighted_f1"], 2),
+            "accuracy": round(r["accuracy"], 2),
+            "ece": round(r["ece"], 4),
+            "count": r["count"],
+            "per_class_f1": {k: round(v["f1"], 2) for k, v in r["per_class"].items()},
+            "uncalibrated": {k: round(r["uncalibrated"][k], 4 if k == "ece" else 2) for k in ("weighted_f1", "accuracy", "ece")},
+        }
+    return out
+
+
+def evaluate(model_dir: Path, runs: list[tuple[str, str, str]], settings: Settings, out_dir: Path, chunk: int = 256) -> list[dict[str, Any]]:
+    """Evaluate ``model_dir`` on each ``(dataset, split, source)`` through the serving path."""
     return asyncio.run(evaluate_async(model_dir, runs, settings, out_dir, chunk))

@@ -28,6 +28,8 @@ class Example:
     label: str
     dialogue_id: str
     turn: int
+    #: The label set ``label`` belongs to (ERC tasks), for per-dataset scoring of mixed runs.
+    label_set: str = ""
 
     @property
     def length(self) -> int:
@@ -73,7 +75,7 @@ def build_examples(
                         continue
                     prompt = encode_prompt(tokenizer, speaker_prompt(turn.text, speakers))
                     label = speakers[ids[t]]
-                    out.append(Example(task, tuple(prompt), speaker_codec.target(label), label, d.id, t))
+                    out.append(Example(task, tuple(prompt), speaker_codec.target(label), label, d.id, t, ""))
                     continue
                 render = erc_prompt if task == "erc" else prediction_training_input
                 w = window
@@ -82,5 +84,5 @@ def build_examples(
                     if len(prompt) + 4 <= max_length or w == 0:
                         break
                     w -= 1
-                out.append(Example(task, tuple(prompt[-(max_length - 4):]), codec.target(turn.label), turn.label, d.id, t))
+                out.append(Example(task, tuple(prompt[-(max_length - 4):]), codec.target(turn.label), turn.label, d.id, t, dataset))
     return out

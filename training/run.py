@@ -19,14 +19,17 @@ Demos = dict[tuple[str, int], list[Shown]]
 
 
 def base_model_dir(config: TrainConfig, settings: Settings) -> Path:
-    if config.base_model != "embedded":
-        return Path(config.base_model)
-    base = settings.weights_root / "base"
-    if not (base / "config.json").is_file():
-        from service.weights import build_all
+    """The checkpoint a run adapts: ``embedded`` (weights/base), the name of a committed adapter
+    (trained on top of it: weights/<name>, its merge), or a folder."""
+    from service.weights import adapters, build_all
 
-        build_all(settings.weights_root)
-    return base
+    name = "base" if config.base_model == "embedded" else config.base_model
+    if name == "base" or name in {a.name for a in adapters(settings.weights_root)}:
+        folder = settings.weights_root / name
+        if not (folder / "config.json").is_file():
+            build_all(settings.weights_root)
+        return folder
+    return Path(config.base_model)
 
 
 def load_lora_model(config: TrainConfig, folder: Path) -> tuple[Any, Any]:
@@ -117,6 +120,37 @@ def examples_for(config: TrainConfig, corpus: Corpus, tokenizer: Any, dev_sample
     return train_examples, random.Random(config.seed).sample(dev_all, dev_sample)
 
 
+def _part_cache(cache: Path | None, part: TrainConfig, parts: int) -> Path | None:
+    # One cache file per dataset of a mixed run (each is keyed and checked on its own).
+    if cache is None or parts == 1:
+        return cache
+    return cache.with_name(f"{cache.stem}-{part.dataset}{cache.suffix}")
+
+
+def mixed_examples(
+    config: TrainConfig,
+    settings: Settings,
+    tokenizer: Any,
+    limit: int | None = None,
+    demonstrations_cache: Path | None = None,
+) -> tuple[list[Example], list[Example]]:
+    """Training and dev examples of every dataset of ``config``; ``eval_examples`` is split
+    evenly between the datasets' dev sets."""
+    parts = config.parts()
+    dev_sample = None if config.eval_examples is None else max(1, config.eval_examples // len(parts))
+    train_all: list[Example] = []
+    dev_all: list[Example] = []
+    for part, cap in parts:
+        corpus = load_corpus(part, settings, limit, _part_cache(demonstrations_cache, part, len(parts)))
+        train_examples, dev_examples = examples_for(part, corpus, tokenizer, dev_sample)
+        if cap is not None and cap < len(train_examples):
+            train_examples = random.Random(config.seed).sample(train_examples, cap)
+        print(f"{part.dataset}: {len(train_examples)} training examples, window {part.window}, k {part.demonstrations.k if part.demonstrations.enabled else 0}", flush=True)
+        train_all.extend(train_examples)
+        dev_all.extend(dev_examples)
+    return train_all, dev_all
+
+
 def run(
     config_path: Path,
     resume: bool,
@@ -129,8 +163,7 @@ def run(
 
     config = TrainConfig.load(config_path)
     model, tokenizer = load_lora_model(config, base_model_dir(config, settings))
-    corpus = load_corpus(config, settings, limit, demonstrations_cache)
-    train_examples, dev_examples = examples_for(config, corpus, tokenizer, config.eval_examples)
+    train_examples, dev_examples = mixed_examples(config, settings, tokenizer, limit, demonstrations_cache)
     tokens = sum(e.length for e in train_examples)
     print(f"{len(train_examples)} training examples ({tokens} tokens), {len(dev_examples)} dev examples for selection", flush=True)
     return train(config, model, tokenizer, train_examples, dev_examples, out_root / config.name, resume=resume)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from service.decoding import LabelCodec
 from service.evaluation import scores
 from service.labels import LABEL_SETS
-from service.spec import Demonstrations, ServingSpec
+from service.spec import Demonstrations, LabelSetSpec, ServingSpec
 from training.config import TrainConfig
 from training.examples import Example
 
@@ -117,6 +117,22 @@ def score_examples(model: Any, examples: Sequence[Example], codec: LabelCodec, b
     return predicted
 
 
+def dev_scores(model: Any, groups: dict[str, list[Example]], codecs: dict[str, LabelCodec], config: TrainConfig) -> dict[str, Any]:
+    """Weighted F1 per label set and their unweighted mean (``dev_weighted_f1``, the selection
+    metric: each dataset counts the same, whatever its dev size)."""
+    per_set = {}
+    for name, group in groups.items():
+        predicted = score_examples(model, group, codecs[name], max(16, 2 * config.batch_size), config.autocast_bf16)
+        result = scores([e.label for e in group], predicted, codecs[name].labels)
+        per_set[name] = {k: result[k] for k in ("weighted_f1", "accuracy", "predicted_counts")}
+    mean = sum(v["weighted_f1"] for v in per_set.values()) / len(per_set)
+    out: dict[str, Any] = {"dev_weighted_f1": mean, "dev_per_label_set": per_set}
+    if len(per_set) == 1:
+        [only] = per_set.values()
+        out.update(dev_accuracy=only["accuracy"], dev_predicted=only["predicted_counts"])
+    return out
+
+
 def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
     warmup = max(1, int(total * warmup_ratio))
     if step < warmup:
@@ -141,13 +157,16 @@ def save_checkpoint(out: Path, model: Any, optimizer: Any, step: int, config: Tr
 
 
 def spec_for(config: TrainConfig) -> ServingSpec:
-    demos = config.demonstrations
-    return ServingSpec(
-        label_set=config.dataset,
-        window=config.window,
-        demonstrations=Demonstrations(k=demos.k if demos.enabled else 0, index=demos.index),
-        model_name=config.name,
-    )
+    """The erc.json of a run's adapter: every label set it was trained on, each with the window
+    and demonstrations its examples had; the first dataset's is the default."""
+    label_sets = {}
+    for part, _ in config.parts():
+        demos = part.demonstrations
+        label_sets[part.dataset] = LabelSetSpec(window=part.window, demonstrations=Demonstrations(k=demos.k if demos.enabled else 0, index=demos.index))
+    default = "meld" if "meld" in label_sets else next(iter(label_sets))
+    # base_model is "embedded", a committed adapter's name (trained on top of it) or a folder path.
+    base = None if config.base_model == "embedded" or "/" in config.base_model else config.base_model
+    return ServingSpec(label_sets=label_sets, default_label_set=default, model_name=config.name, base_adapter=base)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -187,7 +206,11 @@ def train(
         step = state["step"]
         history = json.loads((ckpt / "history.json").read_text())
         log(f"resumed from {ckpt} at step {step}/{total}")
-    codec = LabelCodec.build(tokenizer, LABEL_SETS[config.dataset])
+    # Dev examples of a mixed run are scored per label set; selection uses their mean.
+    dev_groups: dict[str, list[Example]] = {}
+    for e in dev_examples:
+        dev_groups.setdefault(e.label_set or config.dataset, []).append(e)
+    codecs = {name: LabelCodec.build(tokenizer, LABEL_SETS[name]) for name in dev_groups}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     best = max((h["dev_weighted_f1"] for h in history if "dev_weighted_f1" in h), default=-1.0)
     started = time.monotonic()
@@ -213,10 +236,9 @@ def train(
         out_of_time = config.max_minutes is not None and time.monotonic() - started > 60 * config.max_minutes
         # Without dev examples (the ablation scores every arm on all of dev itself) nothing is selected here.
         if dev_examples and (step % config.eval_every == 0 or step == total or out_of_time):
-            predicted = score_examples(model, dev_examples, codec, max(16, 2 * config.batch_size), config.autocast_bf16)
-            result = scores([e.label for e in dev_examples], predicted, codec.labels)
-            record.update(dev_weighted_f1=result["weighted_f1"], dev_accuracy=result["accuracy"], dev_predicted=result["predicted_counts"])
-            log(f"step {step}: dev weighted F1 {result['weighted_f1']:.2f} accuracy {result['accuracy']:.2f} on {len(dev_examples)}")
+            record.update(dev_scores(model, dev_groups, codecs, config))
+            per_set = ", ".join(f"{k} {v['weighted_f1']:.2f}" for k, v in record["dev_per_label_set"].items())
+            log(f"step {step}: dev weighted F1 {record['dev_weighted_f1']:.2f} ({per_set}) on {len(dev_examples)}")
         history.append(record)
         if step % config.checkpoint_every == 0 or "dev_weighted_f1" in record or step == total:
             folder = save_checkpoint(out, model, optimizer, step, config, history)
