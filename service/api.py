@@ -19,11 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import logs, metrics
+from service import logs, metrics, middleware
+from service.middleware import refusal
 from service.engine import EngineUnavailable, PromptTooLong
 from service.predictor import LimitError, Predictor
-from service.security import authorized, load_keys
+from service.security import KeyRing
 from service.schemas import (
+    MAX_REPORTED_ERRORS,
     HealthResponse,
     PredictDialogueRequest,
     PredictDialogueResponse,
@@ -57,9 +59,6 @@ class ServiceState:
         return bool(self.engine is not None and getattr(self.engine, "dead", False))
 
 
-WORK_PATHS = frozenset({"/predict", "/predict_dialogue"})
-
-
 class DeadlineExceeded(Exception):
     pass
 
@@ -85,32 +84,6 @@ def ready_predictor(request: Request) -> Predictor:
 
 
 Ready = Annotated[Predictor, Depends(ready_predictor)]
-
-class BodyLimit:
-    """Refuses a body over ``limit`` bytes (413) from its Content-Length, before reading it;
-    a body without one (chunked) gets 411, since its size is unknown until it is all read."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
-            headers = dict(scope["headers"])
-            length = headers.get(b"content-length")
-            problem = None
-            if length is None and b"chunked" in headers.get(b"transfer-encoding", b""):
-                problem = (411, "body_length_required", "send the body with a Content-Length header")
-            elif length is not None and (not length.isdigit() or int(length) > self.limit):
-                problem = (413, "body_too_large", f"body of {length.decode(errors='replace')} bytes exceeds the limit of {self.limit} (ERC_MAX_BODY_BYTES)")
-            if problem:
-                status, reason, message = problem
-                metrics.REJECTED.labels(reason).inc()
-                response = JSONResponse(status_code=status, content={"detail": [{"loc": ["body"], "msg": message, "type": reason}]})
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
 
 Loader = Callable[[Settings, ServiceState], Awaitable[None]]
 
@@ -172,33 +145,14 @@ def create_app(settings: Settings | None = None, loader: Loader = load_service) 
         lifespan=lifespan,
     )
     app.state.service = state
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
-    keys = load_keys(settings)
+    # Raises KeyConfigError (the process does not start) when keys are set but unusable.
+    keys = KeyRing(settings)
+    app.state.keys = keys
+    middleware.install(app, state, keys, settings)
 
-    def refuse(status: int, reason: str, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
-        metrics.REJECTED.labels(reason).inc()
-        return JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
-
-    async def gate(request: Request, call_next) -> Response:
-        """Draining, authentication and admission, before any work is done."""
-        if request.url.path not in WORK_PATHS:
-            return await call_next(request)
-        if state.draining:
-            return refuse(503, "draining", "this replica is shutting down; retry on another", {"Retry-After": "1", "Connection": "close"})
-        if not authorized(request.headers.get("authorization"), keys):
-            return refuse(401, "unauthorized", "missing or wrong API key: send Authorization: Bearer KEY", {"WWW-Authenticate": "Bearer"})
-        if state.inflight >= settings.max_inflight:
-            return refuse(
-                429, "overload", f"{state.inflight} requests in flight, the limit is {settings.max_inflight} (ERC_MAX_INFLIGHT); retry shortly", {"Retry-After": "1"}
-            )
-        state.inflight += 1
-        metrics.INFLIGHT.set(state.inflight)
-        try:
-            return await call_next(request)
-        finally:
-            state.inflight -= 1
-            metrics.INFLIGHT.set(state.inflight)
+    def refuse(status: int, reason: str, detail: str) -> JSONResponse:
+        return refusal(status, reason, detail, loc=["request"])
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
@@ -208,7 +162,7 @@ def create_app(settings: Settings | None = None, loader: Loader = load_service) 
         start = time.perf_counter()
         status = 500
         try:
-            response = await gate(request, call_next)
+            response = await call_next(request)
             status = response.status_code
             response.headers["X-Request-ID"] = rid
             return response
@@ -225,8 +179,13 @@ def create_app(settings: Settings | None = None, loader: Loader = load_service) 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's default echoes each offending input back: that can be megabytes, or a lone
-        # surrogate that cannot even be encoded as UTF-8. Location, message and type suffice.
-        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in exc.errors()]
+        # surrogate that cannot even be encoded as UTF-8. Location, message and type suffice,
+        # for the first few errors; the rest are counted.
+        errors = exc.errors()
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in errors[:MAX_REPORTED_ERRORS]]
+        if len(errors) > MAX_REPORTED_ERRORS:
+            more = len(errors) - MAX_REPORTED_ERRORS
+            detail.append({"loc": ["body"], "msg": f"{more} more errors not shown ({len(errors)} in all)", "type": "too_many_errors"})
         return JSONResponse(status_code=422, content={"detail": detail})
 
     @app.exception_handler(LimitError)
@@ -239,7 +198,7 @@ def create_app(settings: Settings | None = None, loader: Loader = load_service) 
 
     @app.exception_handler(EngineUnavailable)
     async def unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
-        return JSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": "5"})
+        return JSONResponse(status_code=503, content={"detail": [{"loc": ["request"], "msg": str(exc), "type": "unavailable"}]}, headers={"Retry-After": "5"})
 
     @app.exception_handler(DeadlineExceeded)
     async def deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:

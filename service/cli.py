@@ -244,10 +244,16 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="Port (default ERC_PORT).")] = None,
 ) -> None:
     """Serve the HTTP API under uvicorn (one process, one engine); SIGTERM drains gracefully."""
+    from pydantic import ValidationError
+
+    from service.security import KeyConfigError
     from service.server import serve as run_server
 
-    settings = get_settings()
-    run_server(settings, host or settings.host, port or settings.port)
+    try:
+        settings = get_settings()
+        run_server(settings, host or settings.host, port or settings.port)
+    except (KeyConfigError, ValidationError) as exc:
+        raise _fail(f"not starting: {exc}") from None
 
 
 @app.command()

@@ -11,6 +11,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from service.labels import LABEL_SETS
 
 
+#: Hard ceilings of the request shapes, checked by pydantic before it validates a single item
+#: (so 20,000 wrong turns are one error, not 20,000). The ERC_MAX_* settings may only lower them.
+TURNS_CEILING = 1000
+DIALOGUES_CEILING = 256
+
+#: Validation errors reported per response; the rest are counted (a body of many wrong items
+#: would otherwise get an answer tens of times its own size).
+MAX_REPORTED_ERRORS = 10
+
+
 class _Strict(BaseModel):
     # strict: a number is not a string, a string is not a number; extra fields are a typo.
     model_config = ConfigDict(strict=True, extra="forbid")
@@ -39,7 +49,7 @@ class TurnIn(_Strict):
 
 class DialogueIn(_Strict):
     id: str | None = Field(default=None, max_length=256, description="Caller's dialogue id, echoed back.")
-    turns: list[TurnIn] = Field(min_length=1, description="The dialogue so far, oldest first.")
+    turns: list[TurnIn] = Field(min_length=1, max_length=TURNS_CEILING, description="The dialogue so far, oldest first.")
 
     @field_validator("id")
     @classmethod
@@ -67,7 +77,7 @@ class PredictRequest(_Strict):
 
 
 class PredictDialogueRequest(_Strict):
-    dialogues: list[DialogueIn] = Field(min_length=1)
+    dialogues: list[DialogueIn] = Field(min_length=1, max_length=DIALOGUES_CEILING)
     label_set: str | None = Field(
         default=None,
         description="meld, iemocap or emorynlp; default: the model's. A label set the model does not serve "

@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.schemas import DIALOGUES_CEILING, TURNS_CEILING
+
 #: The repository root when running from a checkout; built artefacts default to folders under it.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,11 +84,11 @@ class Settings(BaseSettings):
     )
 
     # --- request limits -------------------------------------------------------------------------
-    max_turns: int = Field(default=200, ge=1, description="Turns per dialogue.")
+    max_turns: int = Field(default=200, ge=1, le=TURNS_CEILING, description="Turns per dialogue.")
     max_text_chars: int = Field(default=2000, ge=1, description="Characters per utterance.")
     max_speaker_chars: int = Field(default=100, ge=1, description="Characters per speaker name.")
-    max_dialogues: int = Field(default=64, ge=1, description="Dialogues per /predict_dialogue.")
-    max_batch_turns: int = Field(default=2000, ge=1, description="Turns per /predict_dialogue.")
+    max_dialogues: int = Field(default=64, ge=1, le=DIALOGUES_CEILING, description="Dialogues per /predict_dialogue.")
+    max_batch_turns: int = Field(default=2000, ge=1, le=TURNS_CEILING * DIALOGUES_CEILING, description="Turns per /predict_dialogue.")
 
     # --- hardening ------------------------------------------------------------------------------
     max_inflight: int = Field(
@@ -95,11 +97,16 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         default=120.0, gt=0, description="Deadline per request (a client may ask for less with X-Request-Timeout); past it 504."
     )
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body; beyond it 413.")
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body, counted as it arrives; beyond it 413.")
+    body_timeout_s: float = Field(default=10.0, gt=0, description="Time a client has to send its whole body; past it 408 (no in-flight slot is held meanwhile).")
     api_keys: SecretStr | None = Field(
         default=None, description="Comma-separated bearer keys; when set (or api_keys_file), prediction endpoints need one."
     )
-    api_keys_file: Path | None = Field(default=None, description="A secrets file with one key per line.")
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="A secrets file with one key per line (blank and # lines ignored); re-read when it changes, no restart.",
+    )
+    api_key_min_length: int = Field(default=16, ge=1, description="Shortest key accepted; a shorter one stops the start.")
     log_json: bool = Field(default=True, description="Structured JSON logs (one object per line).")
     log_text: bool = Field(default=False, description="Allow utterance text in logs (off: never logged).")
 

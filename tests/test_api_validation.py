@@ -117,7 +117,7 @@ def test_ready_is_503_until_loaded_and_predict_waits_for_it():
         assert c.get("/health").status_code == 200
         assert c.get("/ready").json()["status"] == "loading"
         response = c.post("/predict", json={"dialogue": _dialogue()})
-        assert response.status_code == 503 and "loading" in response.json()["detail"]
+        assert response.status_code == 503 and "loading" in response.json()["detail"][0]["msg"]
         assert response.headers["retry-after"]
 
 

@@ -61,7 +61,7 @@ def test_admission_control_429_with_retry_after():
         codes = sorted(r.status_code for r in responses)
         assert codes == [200, 200, 429, 429, 429]
         refused = next(r for r in responses if r.status_code == 429)
-        assert refused.headers["retry-after"] == "1" and "ERC_MAX_INFLIGHT" in refused.json()["detail"]
+        assert refused.headers["retry-after"] == "1" and "ERC_MAX_INFLIGHT" in refused.json()["detail"][0]["msg"]
         assert 'erc_rejected_requests_total{reason="overload"} 3.0' in client.get("/metrics").text
         # Capacity comes back once the work is done: nothing stays counted.
         assert client.post("/predict", json=DIALOGUE).status_code == 200
@@ -73,7 +73,7 @@ def test_deadline_504_aborts_the_engine_work():
         start = time.monotonic()
         response = client.post("/predict", json=DIALOGUE, headers={"X-Request-Timeout": "0.2"})
         assert response.status_code == 504 and time.monotonic() - start < 3
-        assert "deadline of 0.2 s" in response.json()["detail"]
+        assert "deadline of 0.2 s" in response.json()["detail"][0]["msg"]
         assert engine.cancelled == 1 and engine.active == 0
         bad = client.post("/predict", json=DIALOGUE, headers={"X-Request-Timeout": "soon"})
         assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["header", "x-request-timeout"]
@@ -107,6 +107,22 @@ def test_client_disconnect_aborts_the_engine_work():
         thread.join(timeout=10)
 
 
+def test_validation_errors_are_capped():
+    """20,000 wrong-typed turns in 40 KB: one error (the list's ceiling), not an answer 74x the
+    body; many wrong items under the ceilings: 10 errors and a count."""
+    with TestClient(make_app()) as client:
+        turns = [{"speaker": 1, "text": 2}] * 20000
+        response = client.post("/predict", json={"dialogue": {"turns": turns}})
+        assert response.status_code == 422 and len(response.content) < 1000
+        [error] = response.json()["detail"]
+        assert error["loc"] == ["body", "dialogue", "turns"] and "at most 1000" in error["msg"]
+        dialogues = [{"turns": [{"speaker": 1, "text": 2}] * 100}] * 200
+        response = client.post("/predict_dialogue", json={"dialogues": dialogues})
+        detail = response.json()["detail"]
+        assert response.status_code == 422 and len(detail) == 11 and len(response.content) < 3000
+        assert detail[-1] == {"loc": ["body"], "msg": "39990 more errors not shown (40000 in all)", "type": "too_many_errors"}
+
+
 def test_body_limits():
     with TestClient(make_app(max_body_bytes=2048)) as client:
         big = {"dialogue": {"turns": [{"speaker": "a", "text": "x" * 4000}]}}
@@ -114,28 +130,154 @@ def test_body_limits():
         assert response.status_code == 413
         assert "exceeds the limit of 2048 (ERC_MAX_BODY_BYTES)" in response.json()["detail"][0]["msg"]
 
-        def chunks():
-            yield json.dumps(DIALOGUE).encode()
+        def chunks(body: bytes, size: int = 512):
+            for i in range(0, len(body), size):
+                yield body[i:i + size]
 
-        chunked = client.post("/predict", content=chunks(), headers={"content-type": "application/json"})
-        assert chunked.status_code == 411
+        # Without a Content-Length the bytes are counted as they arrive.
+        small = client.post("/predict", content=chunks(json.dumps(DIALOGUE).encode()), headers={"content-type": "application/json"})
+        assert small.status_code == 200
+        chunked = client.post("/predict", content=chunks(json.dumps(big).encode()), headers={"content-type": "application/json"})
+        assert chunked.status_code == 413 and "more than 2048" in chunked.json()["detail"][0]["msg"]
+
+
+class _Server:
+    """The app under a real uvicorn on loopback, for tests that need raw sockets."""
+
+    def __init__(self, app) -> None:
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "_Server":
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def raw(self, head: bytes, body_parts: list[bytes] = (), pause: float = 0.0) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(head)
+            for part in body_parts:
+                time.sleep(pause)
+                try:
+                    sock.sendall(part)
+                except OSError:  # the server answered and closed: read what it said
+                    break
+            out = b""
+            while chunk := sock.recv(65536):
+                out += chunk
+                if b"\r\n\r\n" in out and b'"}]}' in out:
+                    break
+            return out
+
+
+@pytest.mark.parametrize("encoding", [b"chunked", b"Chunked", b"CHUNKED"])
+def test_chunked_bodies_over_the_limit_are_stopped_whatever_the_header_case(encoding):
+    """8 MiB sent chunked with a 4 MiB limit: a 413 once the limit is crossed, without reading
+    (or parsing) the rest."""
+    with _Server(make_app()) as server:
+        head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: " + encoding + b"\r\n\r\n"
+        block = b"x" * (1024 * 1024)
+        parts = [b"%x\r\n%s\r\n" % (len(block), block) for _ in range(8)] + [b"0\r\n\r\n"]
+        answer = server.raw(head, parts)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert b"more than 4194304" in answer
+
+
+def test_a_slow_body_gets_408_and_holds_no_inflight_slot():
+    engine = FakeEngine()
+    app = make_app(engine, max_inflight=1, body_timeout_s=1.0)
+    with _Server(app) as server:
+        body = json.dumps(DIALOGUE).encode()
+        head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        result: dict = {}
+        slow = threading.Thread(target=lambda: result.update(answer=server.raw(head, [body[:5]])))
+        slow.start()
+        time.sleep(0.3)
+        # The trickling client holds no slot: with ERC_MAX_INFLIGHT=1 another request is served.
+        assert httpx.post(f"http://127.0.0.1:{server.port}/predict", json=DIALOGUE, timeout=5).status_code == 200
+        slow.join(timeout=10)
+        assert result["answer"].startswith(b"HTTP/1.1 408"), result["answer"][:200]
+        assert b"ERC_BODY_TIMEOUT_S" in result["answer"]
+        assert app.state.service.inflight == 0
 
 
 def test_api_keys(tmp_path, caplog):
     keys_file = tmp_path / "keys"
-    keys_file.write_text("file-key\n")
-    with TestClient(make_app(api_keys="alpha-key,beta-key", api_keys_file=keys_file)) as client:
+    keys_file.write_text("# rotated 2026-11-26\n\nfile-key-0123456789\n")
+    with TestClient(make_app(api_keys="alpha-key-0123456789,beta-key-0123456789", api_keys_file=keys_file)) as client:
         caplog.set_level(logging.DEBUG)
         assert client.post("/predict", json=DIALOGUE).status_code == 401
         wrong = client.post("/predict", json=DIALOGUE, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
-        assert client.post("/predict", json=DIALOGUE, headers={"Authorization": "Basic beta-key"}).status_code == 401
-        for key in ("alpha-key", "beta-key", "file-key"):
+        assert client.post("/predict", json=DIALOGUE, headers={"Authorization": "Basic beta-key-0123456789"}).status_code == 401
+        assert client.post("/predict", json=DIALOGUE, headers={"Authorization": "Bearer # rotated 2026-11-26"}).status_code == 401
+        for key in ("alpha-key-0123456789", "beta-key-0123456789", "file-key-0123456789"):
             assert client.post("/predict", json=DIALOGUE, headers={"Authorization": f"Bearer {key}"}).status_code == 200
         assert client.post("/predict_dialogue", json={"dialogues": [DIALOGUE["dialogue"]]}).status_code == 401
         assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
     assert "alpha-key" not in caplog.text and "beta-key" not in caplog.text
-    assert "alpha-key" not in repr(Settings(api_keys="alpha-key"))
+    assert "alpha-key" not in repr(Settings(api_keys="alpha-key-0123456789"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"api_keys": " "}, "ERC_API_KEYS is set but holds no key"),
+        ({"api_keys": " , ,"}, "ERC_API_KEYS is set but holds no key"),
+        ({"api_keys_file": "blank"}, "ERC_API_KEYS_FILE"),
+        ({"api_keys": "short"}, "key number 1 is shorter than 16 characters (ERC_API_KEY_MIN_LENGTH)"),
+    ],
+)
+def test_unusable_api_keys_stop_the_start(tmp_path, settings, words):
+    """Fail closed: a blank key list (a templated Secret that rendered empty) must never turn
+    authentication off."""
+    from service.security import KeyConfigError
+
+    if settings.get("api_keys_file") == "blank":
+        path = tmp_path / "keys"
+        path.write_text("\n   \n# only a comment\n")
+        settings = {"api_keys_file": path}
+    with pytest.raises(KeyConfigError) as info:
+        create_app(Settings(**settings), loader=_noop)
+    assert words in str(info.value) and "short" not in str(info.value).replace("shorter", "")
+
+
+def test_erc_serve_refuses_to_start_with_blank_keys():
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", "1"], env={**os.environ, "ERC_API_KEYS": " "}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "not starting: ERC_API_KEYS is set but holds no key" in out.stderr
+
+
+def test_keys_file_is_reloaded_without_a_restart(tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("old-key-0123456789\n")
+    with TestClient(make_app(api_keys_file=keys_file)) as client:
+        ring = client.app.state.keys
+        ring.check_every_s = 0.0
+
+        def status(key: str) -> int:
+            return client.post("/predict", json=DIALOGUE, headers={"Authorization": f"Bearer {key}"}).status_code
+
+        assert status("old-key-0123456789") == 200 and status("new-key-0123456789") == 401
+        keys_file.write_text("new-key-0123456789\n")
+        os_stat = keys_file.stat()
+        import os
+
+        os.utime(keys_file, ns=(os_stat.st_atime_ns, os_stat.st_mtime_ns + 10**9))
+        assert status("new-key-0123456789") == 200 and status("old-key-0123456789") == 401
+        # A rotation that leaves the file blank keeps the keys in force (fail closed, logged).
+        keys_file.write_text("\n")
+        os.utime(keys_file, ns=(os_stat.st_atime_ns, os_stat.st_mtime_ns + 2 * 10**9))
+        assert status("new-key-0123456789") == 200 and status("anything-at-all-0123") == 401
 
 
 def test_request_id_and_json_logs_without_text(capsys):

@@ -307,6 +307,6 @@ def test_zz_engine_death_turns_health_503_and_requests_fail_fast(live):
     assert live.get("/ready").status_code == 503
     start = time.monotonic()
     response = live.post("/predict", json={"dialogue": {"turns": [{"speaker": "a", "text": "hello"}]}})
-    assert response.status_code == 503 and "died" in response.json()["detail"]
+    assert response.status_code == 503 and "died" in response.json()["detail"][0]["msg"]
     assert time.monotonic() - start < 2
     assert "erc_engine_alive 0.0" in live.get("/metrics").text
