@@ -25,7 +25,21 @@ from service.settings import get_settings
 def _spy(pid: int, out: Path, seconds: int) -> subprocess.Popen:
     py_spy = Path(sys.executable).parent / "py-spy"
     return subprocess.Popen(
-        [str(py_spy), "record", "--pid", str(pid), "-d", str(seconds), "-r", "50", "--format", "raw", "-o", str(out), "--nonblocking"],
+        [
+            str(py_spy),
+            "record",
+            "--pid",
+            str(pid),
+            "-d",
+            str(seconds),
+            "-r",
+            "50",
+            "--format",
+            "raw",
+            "-o",
+            str(out),
+            "--nonblocking",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
@@ -48,7 +62,9 @@ def summarize(raw: Path, top: int = 12) -> str:
     lines = [f"{raw.name}: {total} samples", "  self:"]
     lines += [f"    {100 * n / max(total, 1):5.1f}%  {frame}" for frame, n in own.most_common(top)]
     lines.append("  inclusive (below 99%):")
-    lines += [f"    {100 * n / max(total, 1):5.1f}%  {frame}" for frame, n in inclusive.most_common(80) if n < 0.99 * total][:top]
+    lines += [
+        f"    {100 * n / max(total, 1):5.1f}%  {frame}" for frame, n in inclusive.most_common(80) if n < 0.99 * total
+    ][:top]
     return "\n".join(lines)
 
 
@@ -62,7 +78,11 @@ def main() -> None:
     settings = get_settings()
     data = load_split(settings.data_dir, "meld", "test", "csv")[: args.dialogues]
     erc = Path(sys.executable).parent / "erc"
-    server = subprocess.Popen([str(erc), "serve", "--port", str(args.port)], stdout=(args.out / "serve.log").open("w"), stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [str(erc), "serve", "--port", str(args.port)],
+        stdout=(args.out / "serve.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{args.port}"
     try:
         while True:
@@ -74,30 +94,43 @@ def main() -> None:
             if server.poll() is not None:
                 raise SystemExit(f"server exited; see {args.out / 'serve.log'}")
             time.sleep(0.5)
-        workers = [p for p in psutil.Process(server.pid).children(recursive=True) if "Worker" in p.name() or "EngineCore" in p.name()]
+        workers = [
+            p
+            for p in psutil.Process(server.pid).children(recursive=True)
+            if "Worker" in p.name() or "EngineCore" in p.name()
+        ]
         engine = workers[-1].pid  # the worker runs the model; without one, the engine core does
         turns = lambda d: [{"speaker": t.speaker, "text": t.text} for t in d.turns]  # noqa: E731
         batch = {"dialogues": [{"id": d.id, "turns": turns(d)} for d in data]}
         singles = [{"dialogue": {"turns": turns(d)}, "target": k} for d in data for k in range(len(d.turns))]
 
-        spies = [_spy(server.pid, args.out / "api-predict_dialogue.txt", 20), _spy(engine, args.out / "engine-predict_dialogue.txt", 20)]
+        spies = [
+            _spy(server.pid, args.out / "api-predict_dialogue.txt", 20),
+            _spy(engine, args.out / "engine-predict_dialogue.txt", 20),
+        ]
         time.sleep(1)
         start = time.perf_counter()
         httpx.post(base + "/predict_dialogue", json=batch, timeout=900).raise_for_status()
-        print(f"/predict_dialogue: {len(singles)} utterances in {time.perf_counter() - start:.1f} s (under the profiler)")
+        print(
+            f"/predict_dialogue: {len(singles)} utterances in {time.perf_counter() - start:.1f} s (under the profiler)"
+        )
         for s in spies:
             s.wait()
 
         async def load(n: int = 400, concurrency: int = 8) -> None:
             queue = list(range(n))
             async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+
                 async def worker() -> None:
                     while queue:
                         (await client.post("/predict", json=singles[queue.pop() % len(singles)])).raise_for_status()
 
                 await asyncio.gather(*(worker() for _ in range(concurrency)))
 
-        spies = [_spy(server.pid, args.out / "api-predict-c8.txt", 12), _spy(engine, args.out / "engine-predict-c8.txt", 12)]
+        spies = [
+            _spy(server.pid, args.out / "api-predict-c8.txt", 12),
+            _spy(engine, args.out / "engine-predict-c8.txt", 12),
+        ]
         start = time.perf_counter()
         asyncio.run(load())
         print(f"/predict at concurrency 8: 400 requests in {time.perf_counter() - start:.1f} s (under the profiler)")

@@ -8,7 +8,6 @@ import datetime as dt
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -29,18 +28,18 @@ class _Recorder:
     def __init__(self) -> None:
         self.prompts: list[str] = []
 
-    async def classify(self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None) -> list[list[float]]:
+    async def classify(
+        self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None
+    ) -> list[list[float]]:
         self.prompts.extend(prompts)
         return [[1.0 / len(labels)] * len(labels) for _ in prompts]
 
 
 def service_prompts(settings: Settings, model_dir: Path, dialogues: Sequence[Dialogue]) -> list[str]:
-    from service.predictor import Item, Predictor, open_indexes
-    from service.spec import ServingSpec
+    from service.predictor import Item, assemble
 
-    spec = ServingSpec.load(model_dir)
     recorder = _Recorder()
-    predictor = Predictor(settings, spec, recorder, open_indexes(settings, spec))
+    predictor = assemble(settings, model_dir, recorder)
     items = [Item(Dialogue(d.id, d.turns), t) for d in dialogues for t in range(len(d.turns))]
     # The benchmark sends MELD dialogues: MELD's prompts, as the service renders them.
     asyncio.run(predictor.run(items, "meld"))
@@ -53,7 +52,7 @@ def unavoidable_tokens(token_lists: Sequence[Sequence[int]]) -> list[int]:
     out = []
     for i, ids in enumerate(token_lists):
         best = 0
-        for earlier in token_lists[max(0, i - 64):i]:
+        for earlier in token_lists[max(0, i - 64) : i]:
             n = 0
             for a, b in zip(ids, earlier):
                 if a != b:
@@ -73,7 +72,13 @@ class Server:
         self.base = f"http://127.0.0.1:{port}"
         erc = str(Path(sys.executable).with_name("erc"))
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([erc, "serve", "--host", "127.0.0.1", "--port", str(port)], env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [erc, "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.peak_mb = 0.0
         self._stop = threading.Event()
         self._ps = psutil.Process(self.proc.pid)
@@ -108,7 +113,9 @@ class Server:
         out: dict[str, float] = {}
         for family in text_string_to_metric_families(httpx.get(f"{self.base}/metrics", timeout=10).text):
             for s in family.samples:
-                key = s.name + ("" if not s.labels else "{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}")
+                key = s.name + (
+                    "" if not s.labels else "{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
+                )
                 out[key] = s.value
         return out
 
@@ -132,7 +139,9 @@ def _latency_level(base: str, bodies: list[dict], concurrency: int, total: int) 
     async def run() -> list[float]:
         latencies: list[float] = []
         queue = iter(range(total))
-        async with httpx.AsyncClient(base_url=base, timeout=300, limits=httpx.Limits(max_connections=concurrency)) as client:
+        async with httpx.AsyncClient(
+            base_url=base, timeout=300, limits=httpx.Limits(max_connections=concurrency)
+        ) as client:
 
             async def worker() -> None:
                 for n in queue:
@@ -153,11 +162,20 @@ def _latency_level(base: str, bodies: list[dict], concurrency: int, total: int) 
     def pct(p: float) -> float:
         return 1000 * values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
-    return {"concurrency": concurrency, "requests": total, "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99), "requests_per_s": total / wall}
+    return {
+        "concurrency": concurrency,
+        "requests": total,
+        "p50_ms": pct(50),
+        "p95_ms": pct(95),
+        "p99_ms": pct(99),
+        "requests_per_s": total / wall,
+    }
 
 
 # --- the naive baseline ---------------------------------------------------------------------------
-def naive_baseline(model_dir: Path, prompts: Sequence[str], dtype: str, batch_size: int = 8, max_new_tokens: int = 3) -> dict[str, float]:
+def naive_baseline(
+    model_dir: Path, prompts: Sequence[str], dtype: str, batch_size: int = 8, max_new_tokens: int = 3
+) -> dict[str, float]:
     """InstructERC's own inference: transformers ``generate``, greedy, left-padded batches of 8,
     one prompt per utterance, nothing reused between prompts."""
     import torch
@@ -169,7 +187,7 @@ def naive_baseline(model_dir: Path, prompts: Sequence[str], dtype: str, batch_si
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
-            batch = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True)
+            batch = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
             model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     wall = time.perf_counter() - start
     return {"utterances": len(prompts), "wall_s": wall, "utterances_per_s": len(prompts) / wall}
@@ -210,7 +228,15 @@ def _prod(shape: Sequence[int]) -> int:
 
 
 # --- the run ----------------------------------------------------------------------------------------
-def run(settings: Settings, model_dir: Path, dialogues: int, requests: int, levels: Sequence[int], baseline_limit: int | None, port: int) -> dict[str, Any]:
+def run(
+    settings: Settings,
+    model_dir: Path,
+    dialogues: int,
+    requests: int,
+    levels: Sequence[int],
+    baseline_limit: int | None,
+    port: int,
+) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from service.decoding import encode_prompt
@@ -225,7 +251,11 @@ def run(settings: Settings, model_dir: Path, dialogues: int, requests: int, leve
     server = Server(port, {"ERC_MODEL_DIR": str(model_dir)})
     try:
         cold_start_s = server.wait_ready()
-        body = {"dialogues": [{"id": d.id, "turns": [{"speaker": t.speaker, "text": t.text} for t in d.turns]} for d in data]}
+        body = {
+            "dialogues": [
+                {"id": d.id, "turns": [{"speaker": t.speaker, "text": t.text} for t in d.turns]} for d in data
+            ]
+        }
         before = server.metrics()
         start = time.perf_counter()
         response = httpx.post(f"{server.base}/predict_dialogue", json=body, timeout=3600)
@@ -233,9 +263,15 @@ def run(settings: Settings, model_dir: Path, dialogues: int, requests: int, leve
         batch_wall = time.perf_counter() - start
         after = server.metrics()
         prompt_tokens = _sum(after, "erc_engine_prompt_tokens_total") - _sum(before, "erc_engine_prompt_tokens_total")
-        queried = _sum(after, "erc_prefix_cache_queried_tokens_total") - _sum(before, "erc_prefix_cache_queried_tokens_total")
+        queried = _sum(after, "erc_prefix_cache_queried_tokens_total") - _sum(
+            before, "erc_prefix_cache_queried_tokens_total"
+        )
         hits = _sum(after, "erc_prefix_cache_hit_tokens_total") - _sum(before, "erc_prefix_cache_hit_tokens_total")
-        bodies = [{"dialogue": {"turns": [{"speaker": t.speaker, "text": t.text} for t in d.turns]}, "target": k} for d in data for k in range(len(d.turns))]
+        bodies = [
+            {"dialogue": {"turns": [{"speaker": t.speaker, "text": t.text} for t in d.turns]}, "target": k}
+            for d in data
+            for k in range(len(d.turns))
+        ]
         latency = []
         overhead = None
         for level in levels:
@@ -244,7 +280,9 @@ def run(settings: Settings, model_dir: Path, dialogues: int, requests: int, leve
             m1 = server.metrics()
             if level == 8:
                 engine = _sum(m1, "erc_engine_duration_seconds_sum") - _sum(m0, "erc_engine_duration_seconds_sum")
-                total = _sum(m1, "erc_http_request_duration_seconds_sum", endpoint="/predict") - _sum(m0, "erc_http_request_duration_seconds_sum", endpoint="/predict")
+                total = _sum(m1, "erc_http_request_duration_seconds_sum", endpoint="/predict") - _sum(
+                    m0, "erc_http_request_duration_seconds_sum", endpoint="/predict"
+                )
                 overhead = 1 - engine / total if total else None
         peak_mb = server.peak_mb
     finally:
@@ -314,14 +352,22 @@ def write_report(result: dict[str, Any], md: Path, png: Path, command: str) -> N
     fig.savefig(png, dpi=120)
     plt.close(fig)
     r = result
-    rows = "\n".join(f"| {x['concurrency']} | {x['requests']} | {x['requests_per_s']:.1f} | {x['p50_ms']:.0f} | {x['p95_ms']:.0f} | {x['p99_ms']:.0f} |" for x in r["latency"])
+    rows = "\n".join(
+        f"| {x['concurrency']} | {x['requests']} | {x['requests_per_s']:.1f} | {x['p50_ms']:.0f} "
+        f"| {x['p95_ms']:.0f} | {x['p99_ms']:.0f} |"
+        for x in r["latency"]
+    )
     hit = f"{100 * r['prefix_cache_hit_rate']:.1f}%" if r["prefix_cache_hit_rate"] is not None else "n/a"
-    ovh = f"{100 * r['overhead_fraction_at_concurrency_8']:.1f}%" if r["overhead_fraction_at_concurrency_8"] is not None else "n/a"
+    ovh = (
+        f"{100 * r['overhead_fraction_at_concurrency_8']:.1f}%"
+        if r["overhead_fraction_at_concurrency_8"] is not None
+        else "n/a"
+    )
     md.write_text(
         f"""# Benchmarks
 
-One run, one machine, one model: {r['machine']}; {r['date']}; commit `{r['commit']}`; model
-`{r['model']}` ({r['dtype']}); MELD test, first {r['dialogues']} dialogues ({r['utterances']} utterances).
+One run, one machine, one model: {r["machine"]}; {r["date"]}; commit `{r["commit"]}`; model
+`{r["model"]}` ({r["dtype"]}); MELD test, first {r["dialogues"]} dialogues ({r["utterances"]} utterances).
 Reproduce with:
 
 ```bash
@@ -330,20 +376,20 @@ Reproduce with:
 
 | measure | value | goal |
 |---|---|---|
-| `/predict_dialogue` throughput | {r['predict_dialogue']['utterances_per_s']:.2f} utterances/s ({r['predict_dialogue']['wall_s']:.1f} s, cold cache) | |
-| naive baseline (transformers `generate`, batch 8, greedy) | {r['baseline']['utterances_per_s']:.2f} utterances/s ({r['baseline']['utterances']} utterances) | |
-| **ratio service / baseline** | **{r['ratio_service_over_baseline']:.2f}x** | >= 4x |
-| prompt tokens per utterance (rendered) | {r['prompt_tokens_per_utterance']:.1f} | |
+| `/predict_dialogue` throughput | {r["predict_dialogue"]["utterances_per_s"]:.2f} utterances/s ({r["predict_dialogue"]["wall_s"]:.1f} s, cold cache) | |
+| naive baseline (transformers `generate`, batch 8, greedy) | {r["baseline"]["utterances_per_s"]:.2f} utterances/s ({r["baseline"]["utterances"]} utterances) | |
+| **ratio service / baseline** | **{r["ratio_service_over_baseline"]:.2f}x** | >= 4x |
+| prompt tokens per utterance (rendered) | {r["prompt_tokens_per_utterance"]:.1f} | |
 | prefix-cache hit rate | {hit} | |
-| prompt tokens computed per utterance | {r['computed_tokens_per_utterance']:.1f} | |
-| unavoidable minimum per utterance (tokens no earlier prompt shares) | {r['unavoidable_tokens_per_utterance']:.1f} | |
-| computed / unavoidable | {r['computed_over_unavoidable']:.2f} | <= 1.25 |
-| matmul probe | {r['matmul_probe_flops'] / 1e9:.1f} GFLOP/s ({r['dtype']}) | |
-| FLOP rate on computed tokens (2 x {r['non_embedding_params'] / 1e6:.1f}M params x tokens) | {r['achieved_flops'] / 1e9:.2f} GFLOP/s | |
-| **fraction of the probe** | **{100 * r['flop_fraction']:.1f}%** | >= 60% |
+| prompt tokens computed per utterance | {r["computed_tokens_per_utterance"]:.1f} | |
+| unavoidable minimum per utterance (tokens no earlier prompt shares) | {r["unavoidable_tokens_per_utterance"]:.1f} | |
+| computed / unavoidable | {r["computed_over_unavoidable"]:.2f} | <= 1.25 |
+| matmul probe | {r["matmul_probe_flops"] / 1e9:.1f} GFLOP/s ({r["dtype"]}) | |
+| FLOP rate on computed tokens (2 x {r["non_embedding_params"] / 1e6:.1f}M params x tokens) | {r["achieved_flops"] / 1e9:.2f} GFLOP/s | |
+| **fraction of the probe** | **{100 * r["flop_fraction"]:.1f}%** | >= 60% |
 | HTTP + retrieval + templating share of `/predict` time at concurrency 8 | {ovh} | < 10% |
-| cold start (process start to `/ready`) | {r['cold_start_s']:.1f} s | |
-| peak resident memory (server and engine processes) | {r['peak_rss_mb']:.0f} MB | |
+| cold start (process start to `/ready`) | {r["cold_start_s"]:.1f} s | |
+| peak resident memory (server and engine processes) | {r["peak_rss_mb"]:.0f} MB | |
 
 `/predict` latency (the dialogue history is already in the prefix cache from the batch pass):
 
@@ -353,7 +399,7 @@ Reproduce with:
 
 ![throughput and latency against concurrency]({png.name})
 
-Raw figures: `{md.with_suffix('.json').name}`. Where the time goes, and what the goals missed
+Raw figures: `{md.with_suffix(".json").name}`. Where the time goes, and what the goals missed
 would take: `profile.md` (py-spy, `python -m bench.profile`).
 """
     )

@@ -80,6 +80,7 @@ def fit_bias(log_probs: np.ndarray, gold: np.ndarray, grid: np.ndarray | None = 
 
 def fit_temperature(logits: np.ndarray, gold: np.ndarray) -> float:
     """The temperature minimising the negative log-likelihood of ``softmax(logits / T)``."""
+
     def nll(t: float) -> float:
         z = logits / t
         z = z - z.max(axis=1, keepdims=True)

@@ -141,7 +141,12 @@ def index_build(
     encoder = Encoder.from_settings(settings)
     out = settings.index_root / (name or dataset.value)
     manifest = build_index(
-        dialogues, encoder, out, dataset=dataset.value, split=split.value, source=src,
+        dialogues,
+        encoder,
+        out,
+        dataset=dataset.value,
+        split=split.value,
+        source=src,
         data_checksum=f"sha256:{sha256_file(path)}",
     )
     typer.echo(f"wrote {out}: {manifest['count']} utterances from {manifest['dialogues']} dialogues")
@@ -164,12 +169,22 @@ def index_ensure() -> None:
             typer.echo(f"present  {out}")
             continue
         if not path.is_file():
-            typer.echo(f"skipped  {out}: {path} is missing; label set {dataset.value} will not be served "
-                       f"(put the file there, or point ERC_DATA_DIR at a folder that has it)")
+            typer.echo(
+                f"skipped  {out}: {path} is missing; label set {dataset.value} will not be served "
+                f"(put the file there, or point ERC_DATA_DIR at a folder that has it)"
+            )
             continue
         encoder = encoder or Encoder.from_settings(settings)
         dialogues = load_split(settings.data_dir, dataset.value, "train", src)
-        manifest = build_index(dialogues, encoder, out, dataset=dataset.value, split="train", source=src, data_checksum=f"sha256:{sha256_file(path)}")
+        manifest = build_index(
+            dialogues,
+            encoder,
+            out,
+            dataset=dataset.value,
+            split="train",
+            source=src,
+            data_checksum=f"sha256:{sha256_file(path)}",
+        )
         typer.echo(f"built    {out}: {manifest['count']} utterances from {manifest['dialogues']} dialogues")
 
 
@@ -210,9 +225,14 @@ def baseline(
     result = scores(gold, predicted, labels)
     pool_labels = [p.label for p in idx.pool]
     report = {
-        "dataset": dataset.value, "split": split.value, "source": src, "k": k,
-        "index": str(idx.folder), "count": result["count"],
-        "weighted_f1": round(result["weighted_f1"], 2), "accuracy": round(result["accuracy"], 2),
+        "dataset": dataset.value,
+        "split": split.value,
+        "source": src,
+        "k": k,
+        "index": str(idx.folder),
+        "count": result["count"],
+        "weighted_f1": round(result["weighted_f1"], 2),
+        "accuracy": round(result["accuracy"], 2),
         "majority_weighted_f1": round(majority_baseline(pool_labels, gold, labels), 2),
     }
     if output:
@@ -262,20 +282,31 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in runs/<name>/.")] = False,
     out: Annotated[Path, typer.Option(help="Folder for runs.")] = Path("runs"),
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N training dialogues (smoke runs).")] = None,
-    demonstrations_cache: Annotated[Optional[Path], typer.Option(help="JSON file of retrieved demonstrations: read when it matches, else written (lets a machine without the index train).")] = None,
+    demonstrations_cache: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="JSON file of retrieved demonstrations: read when it matches, else written "
+            "(lets a machine without the index train)."
+        ),
+    ] = None,
 ) -> None:
     """Train a LoRA adapter (InstructERC recipe) and keep the best dev checkpoint in runs/<name>/best."""
     from training.run import run
 
     summary = run(config, resume, get_settings(), out, limit, demonstrations_cache)
-    typer.echo(f"best dev weighted F1 {summary['best_dev_weighted_f1']:.2f} after {summary['steps']} steps; adapter: {out / summary['config']['name'] / 'best'}")
+    typer.echo(
+        f"best dev weighted F1 {summary['best_dev_weighted_f1']:.2f} after {summary['steps']} steps; "
+        f"adapter: {out / summary['config']['name'] / 'best'}"
+    )
 
 
 @app.command()
 def ablate(
     config: Annotated[Path, typer.Option(help="Base training config; each arm changes only tasks and demonstrations.")],
     budget_tokens: Annotated[int, typer.Option(min=1, help="Training tokens per arm (the same for every arm).")],
-    arms: Annotated[str, typer.Option(help="Comma-separated arms.")] = "erc,erc+demonstrations,erc+speaker,erc+prediction,all",
+    arms: Annotated[
+        str, typer.Option(help="Comma-separated arms.")
+    ] = "erc,erc+demonstrations,erc+speaker,erc+prediction,all",
     out: Annotated[Path, typer.Option(help="Folder for the arms' runs and ablation.json/.md.")] = Path("runs/ablation"),
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N training dialogues (smoke runs).")] = None,
     demonstrations_cache: Annotated[Optional[Path], typer.Option(help="As for `erc train`.")] = None,
@@ -285,7 +316,15 @@ def ablate(
     from training.config import TrainConfig
 
     try:
-        rows = run_ablation(TrainConfig.load(config), get_settings(), budget_tokens, [a.strip() for a in arms.split(",") if a.strip()], out, limit, demonstrations_cache)
+        rows = run_ablation(
+            TrainConfig.load(config),
+            get_settings(),
+            budget_tokens,
+            [a.strip() for a in arms.split(",") if a.strip()],
+            out,
+            limit,
+            demonstrations_cache,
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--arms") from exc
     typer.echo(table(rows, budget_tokens), nl=False)
@@ -295,7 +334,10 @@ def ablate(
 def merge(
     adapter: Annotated[Path, typer.Option(help="LoRA adapter folder (with erc.json).")],
     out: Annotated[Path, typer.Option(help="Where to write the merged, servable checkpoint.")],
-    base: Annotated[Optional[Path], typer.Option(help="Base checkpoint (default: weights/base, or the merge of the adapter's base_adapter).")] = None,
+    base: Annotated[
+        Optional[Path],
+        typer.Option(help="Base checkpoint (default: weights/base, or the merge of the adapter's base_adapter)."),
+    ] = None,
 ) -> None:
     """Merge a LoRA adapter into its base (the same code as `erc weights build`)."""
     from service.weights import build_all, merge_adapter, merge_base
@@ -310,12 +352,19 @@ def merge(
 @app.command()
 def evaluate(
     model: Annotated[Optional[Path], typer.Option(help="Servable model folder (default: the served default).")] = None,
-    dataset: Annotated[Optional[EvalDataset], typer.Option(help="Dataset (default: every dataset the model serves, valid and test, and DailyDialog test).")] = None,
-    split: Annotated[SplitName, typer.Option(help="Split, with --dataset (select on valid, report test).")] = SplitName.test,
+    dataset: Annotated[
+        Optional[EvalDataset],
+        typer.Option(help="Dataset (default: every dataset the model serves, valid and test, and DailyDialog test)."),
+    ] = None,
+    split: Annotated[
+        SplitName, typer.Option(help="Split, with --dataset (select on valid, report test).")
+    ] = SplitName.test,
     source: Annotated[Optional[Source], typer.Option(help="Default: csv (IEMOCAP: cosmic).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON reports and confusion-matrix PNGs.")] = Path("reports"),
     out_of_domain: Annotated[bool, typer.Option(help="Also evaluate DailyDialog test (MELD models).")] = True,
-    scores: Annotated[Optional[Path], typer.Option(help="Also write the figures a model card quotes (scores.json) here.")] = None,
+    scores: Annotated[
+        Optional[Path], typer.Option(help="Also write the figures a model card quotes (scores.json) here.")
+    ] = None,
 ) -> None:
     """Evaluate a model through the serving engine path; write JSON reports and confusion PNGs."""
     from service.weights import default_model_dir
@@ -327,13 +376,18 @@ def evaluate(
         runs = served_runs(model_dir, settings, out_of_domain=out_of_domain)
     else:
         runs = [(dataset.value, split.value, source.value if source else default_source(dataset.value))]
-        if out_of_domain and dataset.value == "meld" and (settings.data_dir / "DailyDialog" / "dailydialog_test.txt").is_file():
+        if (
+            out_of_domain
+            and dataset.value == "meld"
+            and (settings.data_dir / "DailyDialog" / "dailydialog_test.txt").is_file()
+        ):
             runs.append(("dailydialog", "test", "csv"))
     reports = run_evaluation(model_dir, runs, settings, out)
     for report in reports:
         before = report["uncalibrated"]
         typer.echo(
-            f"{report['dataset']} {report['split']}: weighted F1 {report['weighted_f1']:.2f} (uncalibrated {before['weighted_f1']:.2f}), "
+            f"{report['dataset']} {report['split']}: weighted F1 {report['weighted_f1']:.2f} "
+            f"(uncalibrated {before['weighted_f1']:.2f}), "
             f"accuracy {report['accuracy']:.2f}, ECE {report['ece']:.4f} (uncalibrated {before['ece']:.4f}), "
             f"{report['count']} utterances in {report['wall_s']} s -> {', '.join(report['files'])}"
         )
@@ -368,9 +422,13 @@ def bench(
     dialogues: Annotated[int, typer.Option(min=1, help="MELD test dialogues to send.")] = 40,
     requests: Annotated[int, typer.Option(min=1, help="/predict requests per concurrency level.")] = 96,
     levels: Annotated[str, typer.Option(help="Concurrency levels, comma-separated.")] = "1,8,32",
-    baseline_limit: Annotated[Optional[int], typer.Option(help="Utterances for the naive baseline (default: all).")] = None,
+    baseline_limit: Annotated[
+        Optional[int], typer.Option(help="Utterances for the naive baseline (default: all).")
+    ] = None,
     port: Annotated[int, typer.Option(help="Port for the server under test.")] = 8765,
-    out: Annotated[Path, typer.Option(help="Markdown report (a .json and .png beside it).")] = Path("docs/benchmarks.md"),
+    out: Annotated[Path, typer.Option(help="Markdown report (a .json and .png beside it).")] = Path(
+        "docs/benchmarks.md"
+    ),
 ) -> None:
     """Benchmark the service against the naive transformers baseline in one run."""
     from bench.run import run as run_bench, write_report
@@ -378,11 +436,16 @@ def bench(
 
     settings = get_settings()
     model_dir = model or settings.model_dir or default_model_dir(settings.weights_root)
-    result = run_bench(settings, model_dir, dialogues, requests, [int(x) for x in levels.split(",")], baseline_limit, port)
+    result = run_bench(
+        settings, model_dir, dialogues, requests, [int(x) for x in levels.split(",")], baseline_limit, port
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "erc bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "erc bench"
     write_report(result, out, out.with_suffix(".png"), command)
-    typer.echo(f"ratio {result['ratio_service_over_baseline']:.2f}x, FLOP fraction {100 * result['flop_fraction']:.1f}%, computed/unavoidable {result['computed_over_unavoidable']:.2f}: {out}")
+    typer.echo(
+        f"ratio {result['ratio_service_over_baseline']:.2f}x, FLOP fraction {100 * result['flop_fraction']:.1f}%, "
+        f"computed/unavoidable {result['computed_over_unavoidable']:.2f}: {out}"
+    )
 
 
 def main() -> None:

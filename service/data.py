@@ -65,9 +65,7 @@ _COSMIC_FILES = {
 }
 _CSV_FILES = {
     "meld": {s: f"MELD/{n}_sent_emo.csv" for s, n in zip(SPLITS, ("train", "dev", "test"))},
-    "emorynlp": {
-        s: f"EmoryNLP/emorynlp_{n}_final.csv" for s, n in zip(SPLITS, ("train", "dev", "test"))
-    },
+    "emorynlp": {s: f"EmoryNLP/emorynlp_{n}_final.csv" for s, n in zip(SPLITS, ("train", "dev", "test"))},
     "dailydialog": {
         "valid": "DailyDialog/dailydialog_dev.txt",
         "test": "DailyDialog/dailydialog_test.txt",
@@ -151,9 +149,7 @@ def read_cosmic(path: Path, dataset: str, split: Split) -> list[Dialogue]:
         if len(lengths) != 1:
             raise DataError(f"{path}: dialogue {key}: speakers, labels and utterances differ in length")
         speaker_ids, turns = [], []
-        for n, (spk, label_id, text) in enumerate(
-            zip(conv["speakers"], conv["label_ids"], conv["utterances"])
-        ):
+        for n, (spk, label_id, text) in enumerate(zip(conv["speakers"], conv["label_ids"], conv["utterances"])):
             where = f"{path}: dialogue {key} turn {n}"
             if dataset == "iemocap":
                 sid = 0 if spk == "M" else 1
@@ -183,8 +179,7 @@ def _group(rows: Sequence[tuple[str, int, Turn]]) -> list[Dialogue]:
     for dialogue_id, order, turn in rows:
         grouped.setdefault(dialogue_id, []).append((order, turn))
     return [
-        Dialogue(did, tuple(t for _, t in sorted(items, key=lambda item: item[0])))
-        for did, items in grouped.items()
+        Dialogue(did, tuple(t for _, t in sorted(items, key=lambda item: item[0]))) for did, items in grouped.items()
     ]
 
 

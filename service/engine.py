@@ -16,6 +16,7 @@ import asyncio
 import logging
 import math
 import os
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,11 @@ log = logging.getLogger(__name__)
 
 
 class EngineUnavailable(RuntimeError):
-    """The engine is not started yet, or it has died."""
+    """The engine is not started yet, or it has died: refused before any work (503, safe to retry)."""
+
+
+class EngineFailed(RuntimeError):
+    """The engine died while serving a request (500: the work had started; not to be replayed)."""
 
 
 class PromptTooLong(ValueError):
@@ -44,6 +49,10 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+#: When the engine core last reported a step (monotonic seconds); one engine per process.
+_STEPPED_AT = [time.monotonic()]
+
+
 def _stat_logger_class() -> type:
     from vllm.v1.metrics.loggers import StatLoggerBase
 
@@ -54,7 +63,11 @@ def _stat_logger_class() -> type:
             self.queries = 0
             self.hits = 0
 
-        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+        def record(
+            self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+        ) -> None:
+            # Every engine step reports here: the watchdog's sign of progress.
+            _STEPPED_AT[0] = time.monotonic()
             finished = len(iteration_stats.finished_requests) if iteration_stats is not None else 0
             if scheduler_stats is not None:
                 metrics.ENGINE_RUNNING.set(scheduler_stats.num_running_reqs)
@@ -89,6 +102,9 @@ class Engine:
         self._llm: Any = None
         self.tokenizer: Any = None
         self._codecs: dict[tuple[str, ...], LabelCodec] = {}
+        #: Engine requests submitted and not yet finished, and when one last finished.
+        self.pending = 0
+        self._finished_at = time.monotonic()
 
     # --- life cycle -------------------------------------------------------------------------
     def _engine_args(self) -> Any:
@@ -159,6 +175,14 @@ class Engine:
             raise EngineUnavailable("the engine has died; the process must be restarted")
         return self._llm
 
+    def stalled(self) -> bool:
+        """Work is pending but the engine has neither stepped nor finished a request for
+        ``ERC_ENGINE_STALL_S`` (a hung or stopped core): /health turns 503 so it is restarted."""
+        if self.pending == 0:
+            return False
+        last = max(_STEPPED_AT[0], self._finished_at)
+        return time.monotonic() - last > self.settings.engine_stall_s
+
     # --- classification ---------------------------------------------------------------------
     def codec(self, labels: Sequence[str]) -> LabelCodec:
         key = tuple(labels)
@@ -192,13 +216,21 @@ class Engine:
         except Exception as exc:
             if llm.errored:
                 metrics.ENGINE_ALIVE.set(0)
-                raise EngineUnavailable("the engine has died; the process must be restarted") from exc
+                # Not a 503: the work had started, and a balancer must not replay a request
+                # that may be what killed the engine onto the next replica.
+                raise EngineFailed("the engine died while serving this request; it is not retried here") from exc
             raise
 
     async def _final(self, llm: Any, prompt_ids: list[int], params: Any) -> Any:
         final = None
-        async for output in llm.generate({"prompt_token_ids": prompt_ids}, params, uuid.uuid4().hex):
-            final = output
+        self.pending += 1
+        try:
+            async for output in llm.generate({"prompt_token_ids": prompt_ids}, params, uuid.uuid4().hex):
+                final = output
+            # Only a finished request is progress (an aborted one is not).
+            self._finished_at = time.monotonic()
+        finally:
+            self.pending -= 1
         return final
 
     async def _first_token(self, llm: Any, prompt_ids: list[int], codec: LabelCodec) -> list[float]:
@@ -221,11 +253,13 @@ class Engine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY)
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY
+        )
 
         async def total(continuation: tuple[int, ...]) -> float:
             final = await self._final(llm, prompt_ids + list(continuation), params)
-            steps = final.prompt_logprobs[len(prompt_ids):]
+            steps = final.prompt_logprobs[len(prompt_ids) :]
             return sum(step[token].logprob for step, token in zip(steps, continuation))
 
         return normalise(list(await asyncio.gather(*(total(c) for c in codec.continuations))))

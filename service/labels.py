@@ -90,6 +90,4 @@ def map_label(dataset: str, raw: str) -> str:
     try:
         return mapping[raw.strip()]
     except KeyError:
-        raise UnknownLabelError(
-            f"unknown {dataset} label {raw!r}; expected one of {', '.join(mapping)}"
-        ) from None
+        raise UnknownLabelError(f"unknown {dataset} label {raw!r}; expected one of {', '.join(mapping)}") from None

@@ -24,7 +24,11 @@ def configure(json_logs: bool = True, level: int = logging.INFO) -> None:
     handler.addFilter(_RequestId())
     if json_logs:
         handler.setFormatter(
-            JsonFormatter("{asctime}{levelname}{name}{message}{request_id}", style="{", rename_fields={"asctime": "ts", "levelname": "level"})
+            JsonFormatter(
+                "{asctime}{levelname}{name}{message}{request_id}",
+                style="{",
+                rename_fields={"asctime": "ts", "levelname": "level"},
+            )
         )
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))

@@ -33,12 +33,14 @@ PREFIX_HIT_RATE = Gauge("erc_prefix_cache_hit_rate", "Prefix-cache hits / querie
 ENGINE_ALIVE = Gauge("erc_engine_alive", "1 while the engine runs, 0 before it starts or after it died.")
 REJECTED = Counter(
     "erc_rejected_requests_total",
-    "Requests refused or cut short: overload (429), deadline (504), client_gone, unauthorized (401), body_too_large (413), draining (503).",
+    "Requests refused or cut short: overload (429), deadline (504), client_gone, unauthorized (401), "
+    "body_too_large (413), body_timeout (408), draining (503), engine_failed (500).",
     ["reason"],
 )
 INFLIGHT = Gauge("erc_inflight_requests", "Prediction requests being served.")
 ENGINE_LATENCY = Histogram(
     "erc_engine_duration_seconds",
-    "Time in the engine per request (all its prompts), the rest of a request being HTTP, validation, retrieval and templating.",
+    "Time in the engine per request (all its prompts), the rest of a request being HTTP, validation, "
+    "retrieval and templating.",
     buckets=_LATENCY_BUCKETS,
 )

@@ -1,5 +1,6 @@
-"""ASGI middleware of the prediction endpoints, outermost first:
+"""ASGI middleware, outermost first:
 
+0. :class:`Observe`: request id, one log line and the request metrics, for every request.
 1. :class:`Gate`: refusals that need no body (draining 503, missing key 401).
 2. :class:`BodyReader`: reads the whole body under a size limit (413, counted on the bytes that
    arrive, whatever the transfer encoding) and a deadline (408), then replays it.
@@ -10,15 +11,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import uuid
 from typing import Any, Protocol
 
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
+from service import logs, metrics
 from service.security import KeyRing
+
+log = logging.getLogger("service.api")
 
 WORK_PATHS = frozenset({"/predict", "/predict_dialogue"})
 
@@ -30,14 +35,60 @@ class Admitted(Protocol):
     inflight: int
 
 
-def refusal(status: int, reason: str, message: str, headers: dict[str, str] | None = None, loc: list[str] | None = None) -> JSONResponse:
+def refusal(
+    status: int, reason: str, message: str, headers: dict[str, str] | None = None, loc: list[str] | None = None
+) -> JSONResponse:
     """The one error body of the service, ``{"detail": [{"loc", "msg", "type"}]}``, counted by reason."""
     metrics.REJECTED.labels(reason).inc()
-    return JSONResponse(status_code=status, content={"detail": [{"loc": loc or ["body"], "msg": message, "type": reason}]}, headers=headers)
+    return JSONResponse(
+        status_code=status,
+        content={"detail": [{"loc": loc or ["body"], "msg": message, "type": reason}]},
+        headers=headers,
+    )
 
 
 def _is_work(scope: Scope) -> bool:
     return scope["type"] == "http" and scope["path"] in WORK_PATHS
+
+
+class Observe:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = Headers(scope=scope).get("x-request-id", "")
+        rid = rid if 0 < len(rid) <= 128 and rid.isprintable() else uuid.uuid4().hex
+        token = logs.request_id.set(rid)
+        start = time.perf_counter()
+        status = 500
+
+        async def tagged(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-ID"] = rid
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tagged)
+        finally:
+            elapsed = time.perf_counter() - start
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            metrics.REQUESTS.labels(endpoint, str(status)).inc()
+            metrics.LATENCY.labels(endpoint, str(status)).observe(elapsed)
+            # Never the body: utterance text stays out of logs.
+            log.info(
+                "request",
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(1000 * elapsed, 1),
+                },
+            )
+            logs.request_id.reset(token)
 
 
 class Gate:
@@ -48,9 +99,21 @@ class Gate:
         if not _is_work(scope):
             return await self.app(scope, receive, send)
         if self.state.draining:
-            response = refusal(503, "draining", "this replica is shutting down; retry on another", {"Retry-After": "1", "Connection": "close"}, ["request"])
+            response = refusal(
+                503,
+                "draining",
+                "this replica is shutting down; retry on another",
+                {"Retry-After": "1", "Connection": "close"},
+                ["request"],
+            )
         elif not self.keys.authorized(Headers(scope=scope).get("authorization")):
-            response = refusal(401, "unauthorized", "missing or wrong API key: send Authorization: Bearer KEY", {"WWW-Authenticate": "Bearer"}, ["header", "authorization"])
+            response = refusal(
+                401,
+                "unauthorized",
+                "missing or wrong API key: send Authorization: Bearer KEY",
+                {"WWW-Authenticate": "Bearer"},
+                ["header", "authorization"],
+            )
         else:
             return await self.app(scope, receive, send)
         await response(scope, receive, send)
@@ -61,7 +124,9 @@ class BodyReader:
         self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     def _too_large(self, size: str) -> JSONResponse:
-        return refusal(413, "body_too_large", f"body of {size} bytes exceeds the limit of {self.limit} (ERC_MAX_BODY_BYTES)")
+        return refusal(
+            413, "body_too_large", f"body of {size} bytes exceeds the limit of {self.limit} (ERC_MAX_BODY_BYTES)"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -77,7 +142,12 @@ class BodyReader:
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                response = refusal(408, "body_timeout", f"the body did not arrive within {self.timeout_s:g} s (ERC_BODY_TIMEOUT_S)", {"Connection": "close"})
+                response = refusal(
+                    408,
+                    "body_timeout",
+                    f"the body did not arrive within {self.timeout_s:g} s (ERC_BODY_TIMEOUT_S)",
+                    {"Connection": "close"},
+                )
                 return await response(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
@@ -111,7 +181,9 @@ class Admission:
         if not _is_work(scope):
             return await self.app(scope, receive, send)
         if self.state.inflight >= self.limit:
-            message = f"{self.state.inflight} requests in flight, the limit is {self.limit} (ERC_MAX_INFLIGHT); retry shortly"
+            message = (
+                f"{self.state.inflight} requests in flight, the limit is {self.limit} (ERC_MAX_INFLIGHT); retry shortly"
+            )
             return await refusal(429, "overload", message, {"Retry-After": "1"}, ["request"])(scope, receive, send)
         self.state.inflight += 1
         metrics.INFLIGHT.set(self.state.inflight)
@@ -123,7 +195,8 @@ class Admission:
 
 
 def install(app: Any, state: Admitted, keys: KeyRing, settings: Any) -> None:
-    """Add the three in their order (Starlette runs the last added outermost)."""
+    """Add them in their order (Starlette runs the last added outermost)."""
     app.add_middleware(Admission, state=state, limit=settings.max_inflight)
     app.add_middleware(BodyReader, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(Gate, state=state, keys=keys)
+    app.add_middleware(Observe)

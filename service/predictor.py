@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from service import calibration, metrics
@@ -97,6 +98,12 @@ def to_dialogue(d: DialogueIn) -> Dialogue:
     return Dialogue(d.id or "", tuple(Turn(t.speaker, t.text) for t in d.turns))
 
 
+def assemble(settings: Settings, model_dir: Path, engine: Classifier) -> "Predictor":
+    """spec -> indexes -> predictor: what the API, ``erc evaluate`` and ``erc bench`` serve."""
+    spec = ServingSpec.load(model_dir)
+    return Predictor(settings, spec, engine, open_indexes(settings, spec))
+
+
 class Predictor:
     """Classifies utterances with a model's spec, its demonstration indexes and an engine.
 
@@ -129,7 +136,10 @@ class Predictor:
             return f"its demonstration index {folder} is missing; build it with `erc index build --dataset {name}`"
         pool = DATASET_LABEL_SET.get(index.manifest.get("dataset", ""))
         if pool != name:
-            return f"its demonstration index {folder} holds {pool} labels; rebuild it with `erc index build --dataset {name}`"
+            return (
+                f"its demonstration index {folder} holds {pool} labels; "
+                f"rebuild it with `erc index build --dataset {name}`"
+            )
         return None
 
     @property
@@ -138,10 +148,20 @@ class Predictor:
         names = [n for n in self.spec.label_sets if n not in self.unavailable]
         return sorted(names, key=lambda n: n != self.spec.default_label_set)
 
+    async def warm_up(self) -> None:
+        """One classification of the default label set: the first constrained request compiles
+        kernels (seconds), paid before the service reports ready."""
+        name = self.served[0]
+        await self.run([Item(Dialogue("warm-up", (Turn("a", "Hello!"),)), 0)], name)
+
     def _label_set(self, requested: str | None) -> str:
         name = requested or self.spec.default_label_set
         if name in self.unavailable:
-            raise LimitError(["label_set"], f"label set {name!r} cannot be served: {self.unavailable[name]}", kind="label_set_unavailable")
+            raise LimitError(
+                ["label_set"],
+                f"label set {name!r} cannot be served: {self.unavailable[name]}",
+                kind="label_set_unavailable",
+            )
         return name
 
     async def _retrieve(self, items: Sequence[Item], label_set: str, exclude_own: bool) -> list[list[Demonstration]]:
@@ -176,7 +196,9 @@ class Predictor:
             probs = calibration.apply(raw, entry.calibration)
             best = max(range(len(labels)), key=lambda i: probs[i])
             metrics.PREDICTIONS.labels(label_set, labels[best]).inc()
-            results.append(Scored(Prediction(label=labels[best], scores=dict(zip(labels, probs))), list(raw), prompt, demos))
+            results.append(
+                Scored(Prediction(label=labels[best], scores=dict(zip(labels, probs))), list(raw), prompt, demos)
+            )
         return results
 
     async def predict(self, request: PredictRequest) -> PredictResponse:
@@ -195,7 +217,9 @@ class Predictor:
             label_set=label_set,
             model=self.spec.model_name,
             prompt=prompt if request.debug else None,
-            demonstrations=[DemonstrationOut(text=d.text, label=d.label, dialogue_id=d.dialogue_id, score=d.score) for d in demos]
+            demonstrations=[
+                DemonstrationOut(text=d.text, label=d.label, dialogue_id=d.dialogue_id, score=d.score) for d in demos
+            ]
             if request.debug
             else None,
         )
@@ -203,10 +227,15 @@ class Predictor:
     async def predict_dialogue(self, request: PredictDialogueRequest) -> PredictDialogueResponse:
         s = self.settings
         if len(request.dialogues) > s.max_dialogues:
-            raise LimitError(["dialogues"], f"{len(request.dialogues)} dialogues exceed the limit of {s.max_dialogues} (ERC_MAX_DIALOGUES)")
+            raise LimitError(
+                ["dialogues"],
+                f"{len(request.dialogues)} dialogues exceed the limit of {s.max_dialogues} (ERC_MAX_DIALOGUES)",
+            )
         total = sum(len(d.turns) for d in request.dialogues)
         if total > s.max_batch_turns:
-            raise LimitError(["dialogues"], f"{total} turns in all exceed the limit of {s.max_batch_turns} (ERC_MAX_BATCH_TURNS)")
+            raise LimitError(
+                ["dialogues"], f"{total} turns in all exceed the limit of {s.max_batch_turns} (ERC_MAX_BATCH_TURNS)"
+            )
         for i, d in enumerate(request.dialogues):
             check_dialogue(d, ["dialogues", i], s)
         label_set = self._label_set(request.label_set)
@@ -217,7 +246,8 @@ class Predictor:
         results = iter(await self.run(items, label_set))
         return PredictDialogueResponse(
             results=[
-                DialogueResult(id=d.id, predictions=[next(results).prediction for _ in d.turns]) for d in request.dialogues
+                DialogueResult(id=d.id, predictions=[next(results).prediction for _ in d.turns])
+                for d in request.dialogues
             ],
             label_set=label_set,
             model=self.spec.model_name,

@@ -11,7 +11,9 @@ def commit() -> str | None:
     """The checkout's short commit, with "-dirty" when tracked files have uncommitted changes
     (the figures then belong to no commit); None outside a git checkout."""
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout.strip() or None

@@ -228,9 +228,7 @@ class DemonstrationIndex:
                 entry = self.pool[idx]
                 if own is not None and entry.dialogue_id == own:
                     continue
-                found.append(
-                    Demonstration(entry.text, entry.label, entry.speaker, entry.dialogue_id, float(score))
-                )
+                found.append(Demonstration(entry.text, entry.label, entry.speaker, entry.dialogue_id, float(score)))
                 if len(found) == k:
                     break
             results.append(found)

@@ -36,7 +36,9 @@ def _valid_unicode(value: str) -> str:
 
 
 class TurnIn(_Strict):
-    speaker: str = Field(min_length=1, description="Speaker name; numbered Speaker_0, Speaker_1, ... by first appearance.")
+    speaker: str = Field(
+        min_length=1, description="Speaker name; numbered Speaker_0, Speaker_1, ... by first appearance."
+    )
     text: str = Field(min_length=1, description="What the speaker said.")
 
     @field_validator("speaker", "text")
@@ -49,7 +51,9 @@ class TurnIn(_Strict):
 
 class DialogueIn(_Strict):
     id: str | None = Field(default=None, max_length=256, description="Caller's dialogue id, echoed back.")
-    turns: list[TurnIn] = Field(min_length=1, max_length=TURNS_CEILING, description="The dialogue so far, oldest first.")
+    turns: list[TurnIn] = Field(
+        min_length=1, max_length=TURNS_CEILING, description="The dialogue so far, oldest first."
+    )
 
     @field_validator("id")
     @classmethod
@@ -59,7 +63,8 @@ class DialogueIn(_Strict):
 
 def _check_label_set(value: str | None) -> str | None:
     if value is not None and value not in LABEL_SETS:
-        raise ValueError(f"unknown label set {value!r}; known: {', '.join(LABEL_SETS)}")
+        # The input is not echoed (it may be anything); the known names are.
+        raise ValueError(f"unknown label set; known: {', '.join(LABEL_SETS)}")
     return value
 
 

@@ -29,10 +29,15 @@ def _file_keys(path: Path) -> list[str]:
 
 def _checked(keys: list[str], source: str, min_length: int) -> tuple[bytes, ...]:
     if not keys:
-        raise KeyConfigError(f"{source} is set but holds no key; set at least one key, or unset it to turn authentication off")
+        raise KeyConfigError(
+            f"{source} is set but holds no key; set at least one key, or unset it to turn authentication off"
+        )
     short = [i for i, k in enumerate(keys, 1) if len(k) < min_length]
     if short:
-        raise KeyConfigError(f"{source}: key number {', '.join(map(str, short))} is shorter than {min_length} characters (ERC_API_KEY_MIN_LENGTH)")
+        raise KeyConfigError(
+            f"{source}: key number {', '.join(map(str, short))} is shorter than {min_length} characters "
+            "(ERC_API_KEY_MIN_LENGTH)"
+        )
     return tuple(k.encode() for k in keys)
 
 
@@ -43,7 +48,11 @@ def load_keys(settings: Settings) -> tuple[bytes, ...]:
         inline = [k.strip() for k in settings.api_keys.get_secret_value().split(",") if k.strip()]
         keys += _checked(inline, "ERC_API_KEYS", settings.api_key_min_length)
     if settings.api_keys_file is not None:
-        keys += _checked(_file_keys(settings.api_keys_file), f"ERC_API_KEYS_FILE ({settings.api_keys_file})", settings.api_key_min_length)
+        keys += _checked(
+            _file_keys(settings.api_keys_file),
+            f"ERC_API_KEYS_FILE ({settings.api_keys_file})",
+            settings.api_key_min_length,
+        )
     return keys
 
 

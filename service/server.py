@@ -16,7 +16,8 @@ from types import FrameType
 
 import uvicorn
 
-from service.api import ServiceState, create_app
+from service.api import create_app
+from service.state import ServiceState
 from service.settings import Settings
 
 # uvicorn configures this logger: drain messages land beside its own.
@@ -59,6 +60,11 @@ def serve(settings: Settings, host: str, port: int) -> None:
     # log_config=None: keep our handlers; access_log off: our middleware logs each request
     # with its id, status and duration.
     config = uvicorn.Config(
-        app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout_s)
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
     )
     DrainingServer(config, app.state.service, settings).run()

@@ -22,12 +22,8 @@ class Settings(BaseSettings):
         default=PROJECT_ROOT / "data",
         description="Folder holding the ERC datasets (MELD/, IEMOCAP/, EmoryNLP/, DailyDialog/).",
     )
-    index_root: Path = Field(
-        default=PROJECT_ROOT / "index", description="Folder holding built indexes, one per name."
-    )
-    weights_root: Path = Field(
-        default=PROJECT_ROOT / "weights", description="Folder holding checkpoints and adapters."
-    )
+    index_root: Path = Field(default=PROJECT_ROOT / "index", description="Folder holding built indexes, one per name.")
+    weights_root: Path = Field(default=PROJECT_ROOT / "weights", description="Folder holding checkpoints and adapters.")
 
     # --- retrieval ----------------------------------------------------------------------------
     encoder_dir: Path | None = Field(
@@ -59,9 +55,7 @@ class Settings(BaseSettings):
         "batch and a single request). float32 for bit-stable results.",
     )
     max_model_len: int = Field(default=4096, ge=256)
-    kv_cache_gib: int = Field(
-        default=2, ge=1, description="CPU: KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)."
-    )
+    kv_cache_gib: int = Field(default=2, ge=1, description="CPU: KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
     block_size: int | None = Field(
         default=None,
@@ -88,25 +82,44 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(default=2000, ge=1, description="Characters per utterance.")
     max_speaker_chars: int = Field(default=100, ge=1, description="Characters per speaker name.")
     max_dialogues: int = Field(default=64, ge=1, le=DIALOGUES_CEILING, description="Dialogues per /predict_dialogue.")
-    max_batch_turns: int = Field(default=2000, ge=1, le=TURNS_CEILING * DIALOGUES_CEILING, description="Turns per /predict_dialogue.")
+    max_batch_turns: int = Field(
+        default=2000, ge=1, le=TURNS_CEILING * DIALOGUES_CEILING, description="Turns per /predict_dialogue."
+    )
 
     # --- hardening ------------------------------------------------------------------------------
     max_inflight: int = Field(
         default=64, ge=1, description="Prediction requests served at once; beyond it 429 + Retry-After."
     )
     request_timeout_s: float = Field(
-        default=120.0, gt=0, description="Deadline per request (a client may ask for less with X-Request-Timeout); past it 504."
+        default=120.0,
+        gt=0,
+        description="Deadline per request (a client may ask for less with X-Request-Timeout); past it 504.",
     )
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body, counted as it arrives; beyond it 413.")
-    body_timeout_s: float = Field(default=10.0, gt=0, description="Time a client has to send its whole body; past it 408 (no in-flight slot is held meanwhile).")
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Largest request body, counted as it arrives; beyond it 413."
+    )
+    body_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Time a client has to send its whole body; past it 408 (no in-flight slot is held meanwhile).",
+    )
     api_keys: SecretStr | None = Field(
-        default=None, description="Comma-separated bearer keys; when set (or api_keys_file), prediction endpoints need one."
+        default=None,
+        description="Comma-separated bearer keys; when set (or api_keys_file), prediction endpoints need one.",
     )
     api_keys_file: Path | None = Field(
         default=None,
-        description="A secrets file with one key per line (blank and # lines ignored); re-read when it changes, no restart.",
+        description="A secrets file with one key per line (blank and # lines ignored); "
+        "re-read when it changes, no restart.",
     )
-    api_key_min_length: int = Field(default=16, ge=1, description="Shortest key accepted; a shorter one stops the start.")
+    api_key_min_length: int = Field(
+        default=16, ge=1, description="Shortest key accepted; a shorter one stops the start."
+    )
+    engine_stall_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Work pending and no engine step for this long: /health turns 503 (a hung engine is restarted).",
+    )
     log_json: bool = Field(default=True, description="Structured JSON logs (one object per line).")
     log_text: bool = Field(default=False, description="Allow utterance text in logs (off: never logged).")
 

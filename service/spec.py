@@ -77,7 +77,9 @@ class ServingSpec(BaseModel):
             if name not in LABEL_SETS:
                 raise ValueError(f"unknown label set {name!r}; known: {', '.join(LABEL_SETS)}")
             if entry.calibration and len(entry.calibration.bias) != len(LABEL_SETS[name]):
-                raise ValueError(f"{name}: calibration has {len(entry.calibration.bias)} biases for {len(LABEL_SETS[name])} labels")
+                raise ValueError(
+                    f"{name}: calibration has {len(entry.calibration.bias)} biases for {len(LABEL_SETS[name])} labels"
+                )
         return value
 
     @model_validator(mode="after")

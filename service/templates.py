@@ -84,9 +84,7 @@ def erc_prompt(
     )
 
 
-def prediction_prompt(
-    dialogue: Dialogue, target: int, labels: Sequence[str], window: int = DEFAULT_WINDOW
-) -> str:
+def prediction_prompt(dialogue: Dialogue, target: int, labels: Sequence[str], window: int = DEFAULT_WINDOW) -> str:
     """The emotion-prediction prompt: the history *before* ``target`` only, and the question of
     which emotion its speaker will show next. Upstream defines it for ``target > 0``."""
     if target == 0:

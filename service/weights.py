@@ -120,12 +120,20 @@ def adapters(weights_root: Path) -> list[Path]:
     """Committed LoRA adapters (folders holding ``adapter_config.json`` and ``erc.json``), each
     after the adapter it was trained on top of (its ``base_adapter``), else by name."""
     root = weights_root / ADAPTERS
-    found = {p.name: p for p in sorted(root.glob("*/")) if (p / "adapter_config.json").is_file() and (p / SPEC_FILE).is_file()}
+    found = {
+        p.name: p
+        for p in sorted(root.glob("*/"))
+        if (p / "adapter_config.json").is_file() and (p / SPEC_FILE).is_file()
+    }
     ordered: list[Path] = []
     placed: set[str] = set()
     pending = dict(found)
     while pending:
-        ready = [name for name, p in pending.items() if (ServingSpec.load(p).base_adapter or BASE_NAME) in placed | {BASE_NAME}]
+        ready = [
+            name
+            for name, p in pending.items()
+            if (ServingSpec.load(p).base_adapter or BASE_NAME) in placed | {BASE_NAME}
+        ]
         if not ready:
             raise WeightsError(f"adapters {', '.join(pending)} name a base_adapter that is not committed (or a cycle)")
         for name in ready:

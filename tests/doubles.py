@@ -5,17 +5,27 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 
 
 class FakeEngine:
     """Deterministic pseudo-probabilities from the prompt's hash; records every call."""
 
     dead = False
+    model_dir = Path("fake")
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
 
-    async def classify(self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None) -> list[list[float]]:
+    def stalled(self) -> bool:
+        return False
+
+    async def shutdown(self) -> None:
+        return None
+
+    async def classify(
+        self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None
+    ) -> list[list[float]]:
         self.calls.append(list(prompts))
         out = []
         for prompt in prompts:
@@ -34,7 +44,9 @@ class SlowEngine(FakeEngine):
         self.cancelled = 0
         self.active = 0
 
-    async def classify(self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None) -> list[list[float]]:
+    async def classify(
+        self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None
+    ) -> list[list[float]]:
         import asyncio
 
         self.active += 1

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api import ServiceState, create_app
+from service.api import create_app
+from service.state import ServiceState
 from service.predictor import Predictor
 from service.settings import Settings
 from service.spec import Calibration, Demonstrations, ServingSpec
@@ -55,16 +56,36 @@ def test_valid_request_gets_label_and_scores(client):
     ("payload", "loc", "words"),
     [
         ({"dialogue": {"turns": []}}, ["body", "dialogue", "turns"], "at least 1"),
-        ({"dialogue": {"turns": [{"speaker": "a", "text": ""}]}}, ["body", "dialogue", "turns", 0, "text"], "at least 1"),
-        ({"dialogue": {"turns": [{"speaker": "a", "text": "  \n"}]}}, ["body", "dialogue", "turns", 0, "text"], "empty"),
+        (
+            {"dialogue": {"turns": [{"speaker": "a", "text": ""}]}},
+            ["body", "dialogue", "turns", 0, "text"],
+            "at least 1",
+        ),
+        (
+            {"dialogue": {"turns": [{"speaker": "a", "text": "  \n"}]}},
+            ["body", "dialogue", "turns", 0, "text"],
+            "empty",
+        ),
         ({"dialogue": {"turns": [{"speaker": "a", "text": 5}]}}, ["body", "dialogue", "turns", 0, "text"], "string"),
         ({"dialogue": {"turns": [{"speaker": "a"}]}}, ["body", "dialogue", "turns", 0, "text"], "required"),
         ({"dialogue": _dialogue(), "target": "1"}, ["body", "target"], "integer"),
-        ({"dialogue": _dialogue(), "label_set": "nope"}, ["body", "label_set"], "unknown label set 'nope'"),
+        (
+            {"dialogue": _dialogue(), "label_set": "nope"},
+            ["body", "label_set"],
+            "unknown label set; known: meld, iemocap, emorynlp",
+        ),
         ({"dialogue": _dialogue(), "extra": 1}, ["body", "extra"], "not permitted"),
         ({"dialogue": _dialogue(6)}, ["body", "dialogue", "turns"], "6 turns exceed the limit of 5 (ERC_MAX_TURNS)"),
-        ({"dialogue": _dialogue(1, "x" * 60)}, ["body", "dialogue", "turns", 0, "text"], "exceed the limit of 50 (ERC_MAX_TEXT_CHARS)"),
-        ({"dialogue": {"turns": [{"speaker": "s" * 11, "text": "hi"}]}}, ["body", "dialogue", "turns", 0, "speaker"], "limit of 10"),
+        (
+            {"dialogue": _dialogue(1, "x" * 60)},
+            ["body", "dialogue", "turns", 0, "text"],
+            "exceed the limit of 50 (ERC_MAX_TEXT_CHARS)",
+        ),
+        (
+            {"dialogue": {"turns": [{"speaker": "s" * 11, "text": "hi"}]}},
+            ["body", "dialogue", "turns", 0, "speaker"],
+            "limit of 10",
+        ),
         ({"dialogue": _dialogue(2), "target": 2}, ["body", "target"], "target 2 is outside the dialogue's turns 0..1"),
         ({"dialogue": _dialogue(2), "target": -1}, ["body", "target"], "outside"),
     ],
@@ -78,9 +99,21 @@ def test_predict_bad_input(client, payload, loc, words):
     ("payload", "loc", "words"),
     [
         ({"dialogues": []}, ["body", "dialogues"], "at least 1"),
-        ({"dialogues": [_dialogue(1)] * 3}, ["body", "dialogues"], "3 dialogues exceed the limit of 2 (ERC_MAX_DIALOGUES)"),
-        ({"dialogues": [_dialogue(4), _dialogue(4)]}, ["body", "dialogues"], "8 turns in all exceed the limit of 6 (ERC_MAX_BATCH_TURNS)"),
-        ({"dialogues": [_dialogue(1), _dialogue(1, "y" * 51)]}, ["body", "dialogues", 1, "turns", 0, "text"], "ERC_MAX_TEXT_CHARS"),
+        (
+            {"dialogues": [_dialogue(1)] * 3},
+            ["body", "dialogues"],
+            "3 dialogues exceed the limit of 2 (ERC_MAX_DIALOGUES)",
+        ),
+        (
+            {"dialogues": [_dialogue(4), _dialogue(4)]},
+            ["body", "dialogues"],
+            "8 turns in all exceed the limit of 6 (ERC_MAX_BATCH_TURNS)",
+        ),
+        (
+            {"dialogues": [_dialogue(1), _dialogue(1, "y" * 51)]},
+            ["body", "dialogues", 1, "turns", 0, "text"],
+            "ERC_MAX_TEXT_CHARS",
+        ),
         ({"dialogues": "x"}, ["body", "dialogues"], "list"),
     ],
 )
@@ -101,7 +134,9 @@ def test_nothing_reaches_the_engine_on_bad_input(client):
 
 
 def test_predict_dialogue_keeps_input_order_and_one_engine_batch(client):
-    body = client.post("/predict_dialogue", json={"dialogues": [_dialogue(2), {"id": "z", "turns": [{"speaker": "q", "text": "ok"}]}]}).json()
+    body = client.post(
+        "/predict_dialogue", json={"dialogues": [_dialogue(2), {"id": "z", "turns": [{"speaker": "q", "text": "ok"}]}]}
+    ).json()
     assert [r["id"] for r in body["results"]] == ["d", "z"]
     assert [len(r["predictions"]) for r in body["results"]] == [2, 1]
     assert len(client.engine.calls) == 1 and len(client.engine.calls[0]) == 3
@@ -123,15 +158,17 @@ def test_ready_is_503_until_loaded_and_predict_waits_for_it():
 
 def test_failed_load_turns_health_503_with_the_reason():
     async def loader(s: Settings, state: ServiceState) -> None:
-        raise FileNotFoundError("no erc.json")
+        raise FileNotFoundError("/secret/path/weights has no erc.json")
 
     with TestClient(create_app(Settings(), loader=loader)) as c:
         for _ in range(100):
             if c.get("/health").status_code == 503:
                 break
         body = c.get("/health").json()
-        assert body["status"] == "failed" and "no erc.json" in body["detail"]
+        assert body["status"] == "failed" and "the service log says why" in body["detail"]
         assert c.get("/ready").status_code == 503
+        for response in (c.get("/health"), c.get("/ready"), c.post("/predict", json={"dialogue": _dialogue()})):
+            assert "/secret/path" not in response.text and "FileNotFoundError" not in response.text
 
 
 def test_openapi_documents_both_endpoints(client):
@@ -184,7 +221,10 @@ def test_a_label_set_that_cannot_be_served_is_a_clear_422(two_set_client, label_
         loc, msg = _error(two_set_client.post(path, json={**body, "label_set": label_set}))
         assert loc == ["body", "label_set"]
         assert all(w in msg for w in words), msg
-        assert two_set_client.post(path, json={**body, "label_set": label_set}).json()["detail"][0]["type"] == "label_set_unavailable"
+        assert (
+            two_set_client.post(path, json={**body, "label_set": label_set}).json()["detail"][0]["type"]
+            == "label_set_unavailable"
+        )
 
 
 def test_served_scores_are_the_calibrated_distribution(two_set_client):

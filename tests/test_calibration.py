@@ -54,7 +54,17 @@ def test_fit_lowers_ece_and_raises_weighted_f1_on_held_out_data():
 
 
 def test_single_label_set_erc_json_still_loads(tmp_path):
-    (tmp_path / "erc.json").write_text(json.dumps({"label_set": "meld", "template_version": "instructerc-v1", "window": 12, "demonstrations": {"k": 3, "index": "meld"}, "model_name": "m"}))
+    (tmp_path / "erc.json").write_text(
+        json.dumps(
+            {
+                "label_set": "meld",
+                "template_version": "instructerc-v1",
+                "window": 12,
+                "demonstrations": {"k": 3, "index": "meld"},
+                "model_name": "m",
+            }
+        )
+    )
     spec = ServingSpec.load(tmp_path)
     assert list(spec.label_sets) == ["meld"] and spec.default_label_set == "meld"
     assert spec.label_sets["meld"].window == 12 and spec.label_sets["meld"].calibration is None

@@ -13,13 +13,36 @@ from tests.conftest import require
 
 
 def erc(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
 
 
 def test_prompt_prints_exactly_the_reference(data_dir):
-    ref = json.loads((require(data_dir / "reference_prompts" / "meld_window12_test_official_sample.jsonl", "reference")).read_text().splitlines()[1])
+    ref = json.loads(
+        (require(data_dir / "reference_prompts" / "meld_window12_test_official_sample.jsonl", "reference"))
+        .read_text()
+        .splitlines()[1]
+    )
     # line 1 is the second utterance of the first MELD test dialogue (key 1153).
-    out = erc("prompt", "--dataset", "meld", "--source", "cosmic", "--split", "test", "--dialogue", "1153", "--turn", "1", "--no-demonstrations")
+    out = erc(
+        "prompt",
+        "--dataset",
+        "meld",
+        "--source",
+        "cosmic",
+        "--split",
+        "test",
+        "--dialogue",
+        "1153",
+        "--turn",
+        "1",
+        "--no-demonstrations",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == ref["input"] + "\n"
 

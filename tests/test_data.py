@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from service.data import DataError, label_set_of, Dialogue, Turn, load_split, read_dailydialog, read_emorynlp_csv, read_meld_csv
+from service.data import (
+    DataError,
+    label_set_of,
+    Dialogue,
+    Turn,
+    load_split,
+    read_dailydialog,
+    read_emorynlp_csv,
+    read_meld_csv,
+)
 from service.labels import map_label
 from tests.conftest import require
 
@@ -40,7 +49,9 @@ def _distribution(cell: str) -> Counter:
     return Counter({name: int(n) for name, n in re.findall(r"(\w+) (\d+)", cell)})
 
 
-def _check(dialogues: list[Dialogue], row: dict[str, str], dataset: str, dialogue_col: str, utt_col: str, dist_col: str):
+def _check(
+    dialogues: list[Dialogue], row: dict[str, str], dataset: str, dialogue_col: str, utt_col: str, dist_col: str
+):
     assert len(dialogues) == int(row[dialogue_col])
     assert sum(len(d.turns) for d in dialogues) == int(row[utt_col])
     expected = Counter()
@@ -74,9 +85,23 @@ def test_emorynlp_counts_match_source_md(data_dir, split):
     md = require(data_dir / "EmoryNLP" / "SOURCE.md", "EmoryNLP data")
     table = _counts_table(md, "file")
     csv = load_split(data_dir, "emorynlp", split, "csv")
-    _check(csv, table[f"emorynlp_{SPLIT_NAMES[split]}_final.csv"], "emorynlp", "dialogues (scenes)", "utterances", "label distribution")
+    _check(
+        csv,
+        table[f"emorynlp_{SPLIT_NAMES[split]}_final.csv"],
+        "emorynlp",
+        "dialogues (scenes)",
+        "utterances",
+        "label distribution",
+    )
     cosmic = load_split(data_dir, "emorynlp", split, "cosmic")
-    _check(cosmic, table[f"EmoryNLP.pkl.json {split}"], "emorynlp", "dialogues (scenes)", "utterances", "label distribution")
+    _check(
+        cosmic,
+        table[f"EmoryNLP.pkl.json {split}"],
+        "emorynlp",
+        "dialogues (scenes)",
+        "utterances",
+        "label distribution",
+    )
     by_id = {d.id: [t.label for t in d.turns] for d in csv}
     assert all(by_id[d.id] == [t.label for t in d.turns] for d in cosmic)
 
@@ -85,7 +110,14 @@ def test_emorynlp_counts_match_source_md(data_dir, split):
 def test_iemocap_counts_match_source_md(data_dir, split):
     md = require(data_dir / "IEMOCAP" / "SOURCE.md", "IEMOCAP data")
     table = _counts_table(md, "split")
-    _check(load_split(data_dir, "iemocap", split, "cosmic"), table[split], "iemocap", "dialogues", "utterances", "label distribution")
+    _check(
+        load_split(data_dir, "iemocap", split, "cosmic"),
+        table[split],
+        "iemocap",
+        "dialogues",
+        "utterances",
+        "label distribution",
+    )
 
 
 @pytest.mark.parametrize(("split", "name"), [("valid", "dailydialog_dev.txt"), ("test", "dailydialog_test.txt")])
@@ -94,7 +126,15 @@ def test_dailydialog_counts_match_source_md_and_map_onto_meld(data_dir, split, n
     table = _counts_table(md, "file")
     dialogues = load_split(data_dir, "dailydialog", split, "csv")
     _check(dialogues, table[name], "dailydialog", "dialogues", "utterances", "label distribution")
-    assert {t.label for d in dialogues for t in d.turns} <= {"neutral", "surprise", "fear", "sad", "joyful", "disgust", "angry"}
+    assert {t.label for d in dialogues for t in d.turns} <= {
+        "neutral",
+        "surprise",
+        "fear",
+        "sad",
+        "joyful",
+        "disgust",
+        "angry",
+    }
 
 
 def test_cosmic_speakers_are_fixed_indices(data_dir):
@@ -125,7 +165,9 @@ def test_meld_csv_reader_orders_turns_and_keeps_text(tmp_path):
         + "1,Hi,Rachel,neutral,neutral,7,0,1,1,a,b\n",
     )
     [dialogue] = read_meld_csv(path)
-    assert dialogue == Dialogue("7", (Turn("Rachel", "Hi", "neutral"), Turn("Ross", 'Je t’aime, "chérie" 😊', "joyful")))
+    assert dialogue == Dialogue(
+        "7", (Turn("Rachel", "Hi", "neutral"), Turn("Ross", 'Je t’aime, "chérie" 😊', "joyful"))
+    )
 
 
 @pytest.mark.parametrize(
@@ -145,7 +187,9 @@ def test_meld_bad_row_names_file_and_line(tmp_path, row, message):
 
 def test_emorynlp_bad_row_names_file_and_line(tmp_path):
     header = "Utterance,Speaker,Emotion,Scene_ID,Utterance_ID,Season,Episode,Start_Time,End_Time\n"
-    path = _write(tmp_path, "e.csv", header + "Hi,['Monica Geller'],Joyful,1,1,1,2,a,b\nHo,['Joey'],Angry,1,2,1,2,a,b\n")
+    path = _write(
+        tmp_path, "e.csv", header + "Hi,['Monica Geller'],Joyful,1,1,1,2,a,b\nHo,['Joey'],Angry,1,2,1,2,a,b\n"
+    )
     with pytest.raises(DataError, match=re.escape(f"{path}:3") + ".*unknown emorynlp label 'Angry'"):
         read_emorynlp_csv(path)
     good = _write(tmp_path, "g.csv", header + "Hi,\"['Monica Geller', 'Joey']\",Joyful,4,1,1,2,a,b\n")

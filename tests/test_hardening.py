@@ -5,7 +5,6 @@ injection through the real model and the soak run are in tests/test_service.py.)
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import socket
@@ -32,7 +31,9 @@ def make_app(engine=None, **settings):
     app = create_app(Settings(**settings), loader=_noop)
     state = app.state.service
     state.engine = engine
-    state.predictor = Predictor(app_settings(app, settings), ServingSpec(demonstrations=Demonstrations(k=0), model_name="fake"), engine, {})
+    state.predictor = Predictor(
+        app_settings(app, settings), ServingSpec(demonstrations=Demonstrations(k=0), model_name="fake"), engine, {}
+    )
     return app
 
 
@@ -75,8 +76,9 @@ def test_deadline_504_aborts_the_engine_work():
         assert response.status_code == 504 and time.monotonic() - start < 3
         assert "deadline of 0.2 s" in response.json()["detail"][0]["msg"]
         assert engine.cancelled == 1 and engine.active == 0
-        bad = client.post("/predict", json=DIALOGUE, headers={"X-Request-Timeout": "soon"})
+        bad = client.post("/predict", json=DIALOGUE, headers={"X-Request-Timeout": "soon-<script>"})
         assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["header", "x-request-timeout"]
+        assert "script" not in bad.text  # the header is not echoed
     with TestClient(make_app(SlowEngine(5.0), request_timeout_s=0.3)) as client:
         assert client.post("/predict", json=DIALOGUE).status_code == 504
 
@@ -107,6 +109,22 @@ def test_client_disconnect_aborts_the_engine_work():
         thread.join(timeout=10)
 
 
+def test_an_engine_that_dies_mid_request_is_a_500_not_a_retryable_503():
+    """503 means refused before any work (a balancer may replay it elsewhere); an engine that
+    dies while serving a request may have been killed by it, so that is a 500."""
+    from service.engine import EngineFailed
+
+    class Dying(FakeEngine):
+        async def classify(self, prompts, labels, decoding=None):
+            raise EngineFailed("the engine died while serving this request; it is not retried here")
+
+    with TestClient(make_app(Dying())) as client:
+        response = client.post("/predict", json=DIALOGUE)
+        assert response.status_code == 500 and "retry-after" not in response.headers
+        assert response.json()["detail"][0]["type"] == "engine_failed"
+        assert 'erc_rejected_requests_total{reason="engine_failed"}' in client.get("/metrics").text
+
+
 def test_validation_errors_are_capped():
     """20,000 wrong-typed turns in 40 KB: one error (the list's ceiling), not an answer 74x the
     body; many wrong items under the ceilings: 10 errors and a count."""
@@ -120,7 +138,11 @@ def test_validation_errors_are_capped():
         response = client.post("/predict_dialogue", json={"dialogues": dialogues})
         detail = response.json()["detail"]
         assert response.status_code == 422 and len(detail) == 11 and len(response.content) < 3000
-        assert detail[-1] == {"loc": ["body"], "msg": "39990 more errors not shown (40000 in all)", "type": "too_many_errors"}
+        assert detail[-1] == {
+            "loc": ["body"],
+            "msg": "39990 more errors not shown (40000 in all)",
+            "type": "too_many_errors",
+        }
 
 
 def test_body_limits():
@@ -132,12 +154,16 @@ def test_body_limits():
 
         def chunks(body: bytes, size: int = 512):
             for i in range(0, len(body), size):
-                yield body[i:i + size]
+                yield body[i : i + size]
 
         # Without a Content-Length the bytes are counted as they arrive.
-        small = client.post("/predict", content=chunks(json.dumps(DIALOGUE).encode()), headers={"content-type": "application/json"})
+        small = client.post(
+            "/predict", content=chunks(json.dumps(DIALOGUE).encode()), headers={"content-type": "application/json"}
+        )
         assert small.status_code == 200
-        chunked = client.post("/predict", content=chunks(json.dumps(big).encode()), headers={"content-type": "application/json"})
+        chunked = client.post(
+            "/predict", content=chunks(json.dumps(big).encode()), headers={"content-type": "application/json"}
+        )
         assert chunked.status_code == 413 and "more than 2048" in chunked.json()["detail"][0]["msg"]
 
 
@@ -181,7 +207,11 @@ def test_chunked_bodies_over_the_limit_are_stopped_whatever_the_header_case(enco
     """8 MiB sent chunked with a 4 MiB limit: a 413 once the limit is crossed, without reading
     (or parsing) the rest."""
     with _Server(make_app()) as server:
-        head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: " + encoding + b"\r\n\r\n"
+        head = (
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: "
+            + encoding
+            + b"\r\n\r\n"
+        )
         block = b"x" * (1024 * 1024)
         parts = [b"%x\r\n%s\r\n" % (len(block), block) for _ in range(8)] + [b"0\r\n\r\n"]
         answer = server.raw(head, parts)
@@ -194,7 +224,10 @@ def test_a_slow_body_gets_408_and_holds_no_inflight_slot():
     app = make_app(engine, max_inflight=1, body_timeout_s=1.0)
     with _Server(app) as server:
         body = json.dumps(DIALOGUE).encode()
-        head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        head = (
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % len(body)
+        )
         result: dict = {}
         slow = threading.Thread(target=lambda: result.update(answer=server.raw(head, [body[:5]])))
         slow.start()
@@ -215,8 +248,14 @@ def test_api_keys(tmp_path, caplog):
         assert client.post("/predict", json=DIALOGUE).status_code == 401
         wrong = client.post("/predict", json=DIALOGUE, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
-        assert client.post("/predict", json=DIALOGUE, headers={"Authorization": "Basic beta-key-0123456789"}).status_code == 401
-        assert client.post("/predict", json=DIALOGUE, headers={"Authorization": "Bearer # rotated 2026-11-26"}).status_code == 401
+        assert (
+            client.post("/predict", json=DIALOGUE, headers={"Authorization": "Basic beta-key-0123456789"}).status_code
+            == 401
+        )
+        assert (
+            client.post("/predict", json=DIALOGUE, headers={"Authorization": "Bearer # rotated 2026-11-26"}).status_code
+            == 401
+        )
         for key in ("alpha-key-0123456789", "beta-key-0123456789", "file-key-0123456789"):
             assert client.post("/predict", json=DIALOGUE, headers={"Authorization": f"Bearer {key}"}).status_code == 200
         assert client.post("/predict_dialogue", json={"dialogues": [DIALOGUE["dialogue"]]}).status_code == 401
@@ -253,7 +292,13 @@ def test_erc_serve_refuses_to_start_with_blank_keys():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", "1"], env={**os.environ, "ERC_API_KEYS": " "}, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--port", "1"],
+        env={**os.environ, "ERC_API_KEYS": " "},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1 and "not starting: ERC_API_KEYS is set but holds no key" in out.stderr
 
 
@@ -311,7 +356,7 @@ def test_request_id_and_json_logs_without_text(capsys):
         (b'{"dialogue": {"turns": [{"speaker": ["a"], "text": {"t": 1}}]}}', 422),
         (b'{"dialogue": null}', 422),
         (b"\xff\xfe garbage", 422),
-        ('{"dialogue": {"turns": [{"speaker": "a", "text": "' .encode() + b"y" * 100000 + b'"}]}}', 422),
+        ('{"dialogue": {"turns": [{"speaker": "a", "text": "'.encode() + b"y" * 100000 + b'"}]}}', 422),
     ],
 )
 def test_hostile_input_gets_a_4xx_and_the_service_stays_up(content, status):
@@ -321,7 +366,10 @@ def test_hostile_input_gets_a_4xx_and_the_service_stays_up(content, status):
         assert client.get("/health").status_code == 200
 
 
-@pytest.mark.parametrize("text", ["مرحبا بالعالم \u202eabc", "😊🔥👍🏽 family: 👨‍👩‍👧", "nul\x00inside", "tab\tand\nnewline", "ｆｕｌｌ ｗｉｄｔｈ"])
+@pytest.mark.parametrize(
+    "text",
+    ["مرحبا بالعالم \u202eabc", "😊🔥👍🏽 family: 👨‍👩‍👧", "nul\x00inside", "tab\tand\nnewline", "ｆｕｌｌ ｗｉｄｔｈ"],
+)
 def test_unicode_edge_cases_are_served(text):
     engine = FakeEngine()
     with TestClient(make_app(engine)) as client:
@@ -334,7 +382,11 @@ def test_unicode_edge_cases_are_served(text):
 def test_schema_fuzzing_no_5xx_and_responses_match_the_schema():
     import schemathesis
     from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
     from hypothesis import HealthCheck, given, settings
 
     app = make_app()
@@ -356,7 +408,15 @@ def test_schema_fuzzing_no_5xx_and_responses_match_the_schema():
                 # Limits that are settings (turns, characters, target range) cannot be written
                 # into the schema, so a schema-valid request may rightly get 422: check that
                 # every response matches its documented schema, not that all data is accepted.
-                case.validate_response(response, checks=[not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance])
+                case.validate_response(
+                    response,
+                    checks=[
+                        not_a_server_error,
+                        response_schema_conformance,
+                        status_code_conformance,
+                        content_type_conformance,
+                    ],
+                )
 
         check()
     assert ran >= 100

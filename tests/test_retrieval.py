@@ -21,7 +21,9 @@ def _pool() -> list[Dialogue]:
 @pytest.fixture
 def small_index(tmp_path, encoder):
     folder = tmp_path / "small"
-    build_index(_pool(), encoder, folder, dataset="meld", split="train", source="csv", data_checksum="sha256:x", progress=False)
+    build_index(
+        _pool(), encoder, folder, dataset="meld", split="train", source="csv", data_checksum="sha256:x", progress=False
+    )
     return DemonstrationIndex(folder, encoder)
 
 

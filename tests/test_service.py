@@ -97,7 +97,9 @@ def test_debug_returns_the_rendered_prompt_and_demonstrations(live, meld_dialogu
     assert len(demos) == 3 and all(demo["label"] in MELD for demo in demos)
     assert [x["score"] for x in demos] == sorted((x["score"] for x in demos), reverse=True)
     shown = [Shown(x["text"], x["label"]) for x in demos]
-    assert body["prompt"] == erc_prompt(Dialogue(d.id, tuple(Turn(t.speaker, t.text) for t in d.turns)), 1, MELD, 12, shown)
+    assert body["prompt"] == erc_prompt(
+        Dialogue(d.id, tuple(Turn(t.speaker, t.text) for t in d.turns)), 1, MELD, 12, shown
+    )
 
 
 @pytest.mark.parametrize("label_set", list(LABEL_SETS))
@@ -162,8 +164,14 @@ def test_prompt_over_the_model_length_is_a_clear_422(live):
 
 def test_bad_input_on_the_real_service_and_it_stays_up(live):
     assert live.post("/predict", json={"dialogue": {"turns": []}}).status_code == 422
-    assert live.post("/predict", json={"dialogue": {"turns": [{"speaker": "a", "text": "hi"}]}, "target": 3}).status_code == 422
-    assert live.post("/predict_dialogue", content=b"not json", headers={"content-type": "application/json"}).status_code == 422
+    assert (
+        live.post("/predict", json={"dialogue": {"turns": [{"speaker": "a", "text": "hi"}]}, "target": 3}).status_code
+        == 422
+    )
+    assert (
+        live.post("/predict_dialogue", content=b"not json", headers={"content-type": "application/json"}).status_code
+        == 422
+    )
     assert live.get("/ready").status_code == 200
 
 
@@ -184,11 +192,20 @@ def test_metrics_move(live, meld_dialogues):
     live.post("/predict_dialogue", json={"dialogues": [_api(meld_dialogues[2])]})
     after = _samples(live)
     n = len(meld_dialogues[2].turns)
-    assert _total(after, "erc_http_requests_total", endpoint="/predict_dialogue", status="200") == _total(before, "erc_http_requests_total", endpoint="/predict_dialogue", status="200") + 1
+    assert (
+        _total(after, "erc_http_requests_total", endpoint="/predict_dialogue", status="200")
+        == _total(before, "erc_http_requests_total", endpoint="/predict_dialogue", status="200") + 1
+    )
     assert _total(after, "erc_predictions_total") - _total(before, "erc_predictions_total") == n
-    assert _total(after, "erc_http_request_duration_seconds_count", endpoint="/predict_dialogue") > _total(before, "erc_http_request_duration_seconds_count", endpoint="/predict_dialogue")
-    assert _total(after, "erc_retrieval_duration_seconds_count") > _total(before, "erc_retrieval_duration_seconds_count")
-    assert _total(after, "erc_prefix_cache_queried_tokens_total") > _total(before, "erc_prefix_cache_queried_tokens_total")
+    assert _total(after, "erc_http_request_duration_seconds_count", endpoint="/predict_dialogue") > _total(
+        before, "erc_http_request_duration_seconds_count", endpoint="/predict_dialogue"
+    )
+    assert _total(after, "erc_retrieval_duration_seconds_count") > _total(
+        before, "erc_retrieval_duration_seconds_count"
+    )
+    assert _total(after, "erc_prefix_cache_queried_tokens_total") > _total(
+        before, "erc_prefix_cache_queried_tokens_total"
+    )
     assert _total(after, "erc_engine_batch_size_count") > _total(before, "erc_engine_batch_size_count")
     # Utterances of one dialogue share their history: some prompt tokens come from the cache.
     assert _total(after, "erc_prefix_cache_hit_tokens_total") > _total(before, "erc_prefix_cache_hit_tokens_total")
@@ -228,7 +245,9 @@ def test_served_default_is_the_committed_adapter_and_reproduces_its_card(live, s
     assert engine.model_dir.name == shipped[0].name
     card = json.loads((shipped[0] / "scores.json").read_text())["meld test"]
     assert f"{card['weighted_f1']:.2f}" in (shipped[0] / "MODEL_CARD.md").read_text()
-    [report] = live.portal.call(evaluate_async, engine.model_dir, [("meld", "test", "csv")], settings, tmp_path, 256, engine)
+    [report] = live.portal.call(
+        evaluate_async, engine.model_dir, [("meld", "test", "csv")], settings, tmp_path, 256, engine
+    )
     assert report["count"] == card["count"]
     assert abs(report["weighted_f1"] - card["weighted_f1"]) <= 0.5, (report["weighted_f1"], card)
     assert report["weighted_f1"] > 50.96  # the retrieval-only vote every trained model must beat
@@ -265,7 +284,9 @@ def test_soak_fixed_concurrency_zero_errors_flat_memory(live, meld_dialogues):
     async def soak(total: int, concurrency: int) -> dict:
         stats = {"ok": 0, "errors": []}
         queue = iter(range(total))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=live.app), base_url="http://test", timeout=120) as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=live.app), base_url="http://test", timeout=120
+        ) as client:
 
             async def worker() -> None:
                 for n in queue:
@@ -284,18 +305,62 @@ def test_soak_fixed_concurrency_zero_errors_flat_memory(live, meld_dialogues):
     stats = live.portal.call(soak, 2000, 8)
     wall = time.monotonic() - began
     end_mb = _rss_mb()
-    print(f"\n[soak] 2000 requests at concurrency 8 in {wall:.1f} s ({2000 / wall:.1f}/s): ok {stats['ok']}, errors {len(stats['errors'])}; RSS {start_mb:.0f} MB -> {end_mb:.0f} MB")
+    print(
+        f"\n[soak] 2000 requests at concurrency 8 in {wall:.1f} s ({2000 / wall:.1f}/s): ok {stats['ok']}, "
+        f"errors {len(stats['errors'])}; RSS {start_mb:.0f} MB -> {end_mb:.0f} MB"
+    )
     assert stats["errors"] == [] and stats["ok"] == 2000
     assert end_mb < start_mb * 1.05 + 50
 
 
-def test_zz_engine_death_turns_health_503_and_requests_fail_fast(live):
-    """Runs last in this module: it kills the session's engine."""
+def _engine_cores():
     import psutil
 
-    cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+    cores = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())
+    ]
     assert cores, "no engine core process found"
+    return cores
+
+
+def test_a_hung_engine_turns_health_503_and_recovers(live):
+    """The watchdog: with work pending and no engine step for ERC_ENGINE_STALL_S (here 2 s),
+    /health answers 503 so the orchestrator restarts the pod; a core that resumes is healthy."""
+    import threading
+
+    settings = live.app.state.service.engine.settings
+    before = settings.engine_stall_s
+    settings.engine_stall_s = 2.0
+    cores = _engine_cores()
+    result: dict = {}
+    body = {"dialogue": {"turns": [{"speaker": "a", "text": "are you there?"}]}}
     for proc in cores:
+        proc.suspend()  # SIGSTOP
+    try:
+        worker = threading.Thread(
+            target=lambda: result.update(response=live.post("/predict", json=body, headers={"X-Request-Timeout": "60"}))
+        )
+        worker.start()
+        deadline = time.monotonic() + 20
+        while live.get("/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        health = live.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "stalled", health.text
+        assert "ERC_ENGINE_STALL_S" in health.json()["detail"]
+    finally:
+        for proc in cores:
+            proc.resume()  # SIGCONT
+        settings.engine_stall_s = before
+    worker.join(timeout=60)
+    assert result["response"].status_code == 200
+    assert live.get("/health").status_code == 200
+
+
+def test_zz_engine_death_turns_health_503_and_requests_fail_fast(live):
+    """Runs last in this module (pytest keeps file order): it kills the session's engine."""
+    for proc in _engine_cores():
         proc.kill()
     deadline = time.monotonic() + 30
     while live.get("/health").status_code != 503 and time.monotonic() < deadline:

@@ -48,7 +48,9 @@ def _dialogue(n: int) -> Dialogue:
     return Dialogue("d", tuple(Turn(f"P{i % 3}", f"u{i}") for i in range(n)))
 
 
-@pytest.mark.parametrize(("target", "window", "first"), [(0, 12, 0), (5, 12, 0), (12, 12, 0), (13, 12, 1), (20, 12, 8), (4, 0, 4), (4, 2, 2)])
+@pytest.mark.parametrize(
+    ("target", "window", "first"), [(0, 12, 0), (5, 12, 0), (12, 12, 0), (13, 12, 1), (20, 12, 8), (4, 0, 4), (4, 2, 2)]
+)
 def test_window_edges(target, window, first):
     prompt = erc_prompt(_dialogue(25), target, MELD, window=window)
     history = prompt.split(" ### ")[1]
@@ -99,7 +101,7 @@ def test_emorynlp_speakers_keep_stored_indices(data_dir):
     prompt = erc_prompt(d, 1, LABEL_SETS["emorynlp"])
     assert prompt == (
         HEAD
-        + "\t Speaker_0:\"Let's see. Congress is debating a new deficit reduction bill... the mayor wants to raise subway fares again... the high today was forty-five... and- oh, teams played sports.\""
+        + '\t Speaker_0:"Let\'s see. Congress is debating a new deficit reduction bill... the mayor wants to raise subway fares again... the high today was forty-five... and- oh, teams played sports."'
         + '\t Speaker_1:"What about Glen? He could be a Glen."'
         + ' ### Please select the emotional label of < Speaker_1:"What about Glen? He could be a Glen."> '
         + "from <Joyful, Mad, Peaceful, Neutral, Sad, Powerful, Scared>:"
@@ -119,7 +121,11 @@ def test_speaker_task_golden():
 
 
 def test_prediction_task_golden():
-    main = HEAD + '\t Speaker_0:"Hi"\t Speaker_1:"Hey you" ### Please select the emotional label of < Speaker_1:"Hey you"> ' + MELD_Q
+    main = (
+        HEAD
+        + '\t Speaker_0:"Hi"\t Speaker_1:"Hey you" ### Please select the emotional label of < Speaker_1:"Hey you"> '
+        + MELD_Q
+    )
     predict = (
         HEAD + '\t Speaker_0:"Hi"###Based on the above historical utterances, next utterance is spoken by <1>, '
         "please predict the emotion states of <1> " + MELD_Q
@@ -147,4 +153,6 @@ def test_demonstrations_sit_between_history_and_question():
     later = erc_prompt(Dialogue("t", TWO.turns + (Turn("Ann", "Bye"),)), 2, MELD, demonstrations=shown)
     assert later.startswith(HEAD + '\t Speaker_0:"Hi"\t Speaker_1:"Hey you"')
     # Demonstrations feed the prediction training input's main part only.
-    assert prediction_training_input(TWO, 1, MELD, demonstrations=shown).split("***")[1] == prediction_prompt(TWO, 1, MELD)
+    assert prediction_training_input(TWO, 1, MELD, demonstrations=shown).split("***")[1] == prediction_prompt(
+        TWO, 1, MELD
+    )

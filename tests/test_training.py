@@ -35,9 +35,16 @@ def tiny_llama(tokenizer, seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
 
@@ -89,7 +96,9 @@ def test_demonstrations_exclude_own_dialogue_and_ignore_gold_labels(meld_index):
     assert joy == sad  # chosen by the text alone, never by the gold label
     own_texts = {p.text for p in meld_index.pool if p.dialogue_id == pool_dialogue}
     assert len(joy[(pool_dialogue, 0)]) == 5
-    assert not {s.text for s in joy[(pool_dialogue, 0)]} & own_texts - {p.text for p in meld_index.pool if p.dialogue_id != pool_dialogue}
+    assert not {s.text for s in joy[(pool_dialogue, 0)]} & own_texts - {
+        p.text for p in meld_index.pool if p.dialogue_id != pool_dialogue
+    }
 
 
 def test_batches_are_deterministic_for_a_seed(tokenizer):
@@ -102,7 +111,10 @@ def test_batches_are_deterministic_for_a_seed(tokenizer):
 def test_one_training_step_lowers_the_loss(tokenizer):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny_llama(tokenizer), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], layers_to_transform=[1, 2]))
+    model = get_peft_model(
+        tiny_llama(tokenizer),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], layers_to_transform=[1, 2]),
+    )
     examples = build_examples([DIALOGUE], "meld", tokenizer, ["erc"], 12, {}, 1024)
     batch = collate(examples, tokenizer.eos_token_id)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -128,7 +140,10 @@ def test_merge_round_trip(tokenizer, tmp_path):
     config = json.loads((base_dir / "config.json").read_text())
     config["rope_theta"] = 10000.0
     (base_dir / "config.json").write_text(json.dumps(config))
-    peft_model = get_peft_model(tiny_llama(tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        tiny_llama(tokenizer),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     peft_model.save_pretrained(adapter_dir)
     ServingSpec(model_name="tiny").save(adapter_dir)
     merge_adapter(base_dir, adapter_dir, merged_dir)
@@ -163,7 +178,12 @@ def test_gpu_recipe_dry_run_on_a_tiny_llama(tokenizer):
     assert set(config.tasks) == {"erc", "speaker", "prediction"}
     model = get_peft_model(
         tiny_llama(tokenizer).to(torch.bfloat16),
-        LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout, target_modules=config.lora.target_modules),
+        LoraConfig(
+            r=config.lora.rank,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=config.lora.target_modules,
+        ),
     )
     examples = build_examples([DIALOGUE], config.dataset, tokenizer, config.tasks, config.window, {}, config.max_length)
     batch = collate(examples[: config.batch_size], tokenizer.eos_token_id)
@@ -181,7 +201,16 @@ def test_checkpoints_resume_and_best_dev_selection(tokenizer, tmp_path):
 
     dialogues = [Dialogue(f"d{i}", DIALOGUE.turns) for i in range(8)]
     examples = build_examples(dialogues, "meld", tokenizer, ["erc"], 12, {}, 1024)
-    config = TrainConfig(name="tiny", epochs=1, batch_size=4, checkpoint_every=1, eval_every=2, eval_examples=4, autocast_bf16=False, learning_rate=1e-2)
+    config = TrainConfig(
+        name="tiny",
+        epochs=1,
+        batch_size=4,
+        checkpoint_every=1,
+        eval_every=2,
+        eval_examples=4,
+        autocast_bf16=False,
+        learning_rate=1e-2,
+    )
 
     def fresh():
         return get_peft_model(tiny_llama(tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -192,7 +221,15 @@ def test_checkpoints_resume_and_best_dev_selection(tokenizer, tmp_path):
     # run with the same adapter as the uninterrupted one.
     out = tmp_path / "resumed"
     calls: list[str] = []
-    stopped = train(config.model_copy(update={"max_minutes": 0.0}), fresh(), tokenizer, examples, examples[:4], out, log=calls.append)
+    stopped = train(
+        config.model_copy(update={"max_minutes": 0.0}),
+        fresh(),
+        tokenizer,
+        examples,
+        examples[:4],
+        out,
+        log=calls.append,
+    )
     assert stopped["steps"] == 1 and any("time budget" in c for c in calls)
     resumed = train(config, fresh(), tokenizer, examples, examples[:4], out, resume=True, log=calls.append)
     assert any("resumed from" in c for c in calls) and resumed["steps"] == 4
@@ -231,7 +268,12 @@ def test_demonstrations_cache_is_used_only_when_it_matches(settings, data_dir, t
     assert set(corpus.dev_demos) == {(d.id, t) for d in corpus.dev for t in range(len(d.turns))}
     # Another k, or dialogues the cache lacks: retrieval is needed, and without an index it fails loudly.
     with pytest.raises(Exception, match="index|manifest|no-index"):
-        load_corpus(config.model_copy(update={"demonstrations": config.demonstrations.model_copy(update={"k": 2})}), no_index, limit=4, cache=cache)
+        load_corpus(
+            config.model_copy(update={"demonstrations": config.demonstrations.model_copy(update={"k": 2})}),
+            no_index,
+            limit=4,
+            cache=cache,
+        )
     with pytest.raises(Exception, match="index|manifest|no-index"):
         load_corpus(config, no_index, limit=8, cache=cache)
 
@@ -245,11 +287,29 @@ def test_ablation_trains_every_arm_on_the_same_token_budget(settings, data_dir, 
     tokenizer.save_pretrained(str(base))
     cache = tmp_path / "demos.json"
     _handmade_cache(cache, settings, limit=4)
-    config = TrainConfig(name="abl", base_model=str(base), batch_size=4, autocast_bf16=False, lora={"rank": 4, "alpha": 8, "top_layers": None, "target_modules": ["q_proj", "v_proj"]})
+    config = TrainConfig(
+        name="abl",
+        base_model=str(base),
+        batch_size=4,
+        autocast_bf16=False,
+        lora={"rank": 4, "alpha": 8, "top_layers": None, "target_modules": ["q_proj", "v_proj"]},
+    )
     budget = 6000
-    rows = ablate(config, settings.model_copy(update={"index_root": tmp_path / "no-index"}), budget, ["erc", "all"], tmp_path / "out", limit=4, demonstrations_cache=cache)
+    rows = ablate(
+        config,
+        settings.model_copy(update={"index_root": tmp_path / "no-index"}),
+        budget,
+        ["erc", "all"],
+        tmp_path / "out",
+        limit=4,
+        demonstrations_cache=cache,
+    )
     assert [r["arm"] for r in rows] == ["erc", "all"]
-    assert rows[1]["tasks"] == ["erc", "speaker", "prediction"] and rows[1]["demonstrations"] and not rows[0]["demonstrations"]
+    assert (
+        rows[1]["tasks"] == ["erc", "speaker", "prediction"]
+        and rows[1]["demonstrations"]
+        and not rows[0]["demonstrations"]
+    )
     for row, name in zip(rows, ["abl-erc", "abl-all"]):
         history = json.loads(next((tmp_path / "out" / name).glob("checkpoint-*/history.json")).read_text())
         trained = sum(h["tokens"] for h in history)
@@ -287,7 +347,9 @@ def test_mixed_examples_are_scored_per_label_set(tokenizer, tmp_path):
     from training.trainer import train
 
     iemocap = Dialogue("i1", (Turn("M", "I lost it all.", "sad"), Turn("F", "Oh no.", "frustrated")))
-    examples = build_examples([DIALOGUE] * 4, "meld", tokenizer, ["erc"], 12, {}, 1024) + build_examples([iemocap] * 4, "iemocap", tokenizer, ["erc"], 12, {}, 1024)
+    examples = build_examples([DIALOGUE] * 4, "meld", tokenizer, ["erc"], 12, {}, 1024) + build_examples(
+        [iemocap] * 4, "iemocap", tokenizer, ["erc"], 12, {}, 1024
+    )
     assert {e.label_set for e in examples} == {"meld", "iemocap"}
     assert all(("<happy, sad" in tokenizer.decode(e.prompt_ids)) == (e.label_set == "iemocap") for e in examples)
     config = TrainConfig(name="mixed", epochs=1, batch_size=4, eval_every=2, eval_examples=8, autocast_bf16=False)
@@ -297,7 +359,9 @@ def test_mixed_examples_are_scored_per_label_set(tokenizer, tmp_path):
     scored = [h for h in history if "dev_per_label_set" in h][-1]
     per_set = scored["dev_per_label_set"]
     assert set(per_set) == {"meld", "iemocap"}
-    assert scored["dev_weighted_f1"] == pytest.approx((per_set["meld"]["weighted_f1"] + per_set["iemocap"]["weighted_f1"]) / 2)
+    assert scored["dev_weighted_f1"] == pytest.approx(
+        (per_set["meld"]["weighted_f1"] + per_set["iemocap"]["weighted_f1"]) / 2
+    )
     assert set(per_set["iemocap"]["predicted_counts"]) <= set(LABEL_SETS["iemocap"])
 
 
@@ -310,7 +374,9 @@ def test_stacked_adapters_merge_in_order_and_the_default_is_named(tmp_path):
         folder = root / "adapters" / name
         folder.mkdir(parents=True)
         (folder / "adapter_config.json").write_text("{}")
-        ServingSpec(label_sets={"meld": LabelSetSpec(demonstrations=Demonstrations(k=0))}, model_name=name, base_adapter=base).save(folder)
+        ServingSpec(
+            label_sets={"meld": LabelSetSpec(demonstrations=Demonstrations(k=0))}, model_name=name, base_adapter=base
+        ).save(folder)
     assert [p.name for p in adapters(root)] == ["z-bottom", "a-top"]  # the base first, whatever the names
     assert merge_base(root, root / "adapters" / "a-top") == root / "z-bottom"
     assert merge_base(root, root / "adapters" / "z-bottom") == root / "base"

@@ -71,7 +71,12 @@ def ablate(
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; choose from {list(ARMS)}")
-    corpus = load_corpus(config.model_copy(update={"demonstrations": config.demonstrations.model_copy(update={"enabled": True})}), settings, limit, demonstrations_cache)
+    corpus = load_corpus(
+        config.model_copy(update={"demonstrations": config.demonstrations.model_copy(update={"enabled": True})}),
+        settings,
+        limit,
+        demonstrations_cache,
+    )
     rows = []
     for arm in arms:
         cfg = arm_config(config, arm)
@@ -80,7 +85,9 @@ def ablate(
         steps, per_epoch = steps_for_budget(train_examples, cfg.batch_size, cfg.seed, budget_tokens)
         epochs = steps / per_epoch
         # The arm's last step is scored; no checkpoint selection within an arm.
-        cfg = cfg.model_copy(update={"epochs": epochs, "max_steps": steps, "checkpoint_every": steps + 1, "max_minutes": None})
+        cfg = cfg.model_copy(
+            update={"epochs": epochs, "max_steps": steps, "checkpoint_every": steps + 1, "max_minutes": None}
+        )
         started = time.monotonic()
         summary = train(cfg, model, tokenizer, train_examples, [], out_root / cfg.name)
         codec = LabelCodec.build(tokenizer, LABEL_SETS[cfg.dataset])
@@ -103,18 +110,24 @@ def ablate(
         print(f"{arm}: dev weighted F1 {result['weighted_f1']:.2f}, accuracy {result['accuracy']:.2f}", flush=True)
         del model
     out_root.mkdir(parents=True, exist_ok=True)
-    (out_root / "ablation.json").write_text(json.dumps({"config": config.model_dump(), "budget_tokens": budget_tokens, "arms": rows}, indent=2))
+    (out_root / "ablation.json").write_text(
+        json.dumps({"config": config.model_dump(), "budget_tokens": budget_tokens, "arms": rows}, indent=2)
+    )
     (out_root / "ablation.md").write_text(table(rows, budget_tokens))
     return rows
 
 
 def table(rows: list[dict], budget_tokens: int) -> str:
     lines = [
-        f"Same budget per arm: {budget_tokens:,} training tokens; scored on {rows[0]['dev_count'] if rows else 0} dev utterances.",
+        f"Same budget per arm: {budget_tokens:,} training tokens; "
+        f"scored on {rows[0]['dev_count'] if rows else 0} dev utterances.",
         "",
         "| arm | tasks | demonstrations | epochs of its data | steps | dev weighted F1 | dev accuracy |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        lines.append(f"| {r['arm']} | {', '.join(r['tasks'])} | {'yes' if r['demonstrations'] else 'no'} | {r['epochs']} | {r['steps']} | {r['dev_weighted_f1']:.2f} | {r['dev_accuracy']:.2f} |")
+        lines.append(
+            f"| {r['arm']} | {', '.join(r['tasks'])} | {'yes' if r['demonstrations'] else 'no'} | {r['epochs']} "
+            f"| {r['steps']} | {r['dev_weighted_f1']:.2f} | {r['dev_accuracy']:.2f} |"
+        )
     return "\n".join(lines) + "\n"

@@ -89,13 +89,15 @@ class TrainConfig(_Section):
         out = []
         for item in self.mixture:
             demos = item.demonstrations or self.demonstrations.model_copy(update={"index": item.dataset})
-            part = self.model_copy(update={
-                "dataset": item.dataset,
-                "source": item.source or default_source(item.dataset),
-                "window": self.window if item.window is None else item.window,
-                "demonstrations": demos,
-                "mixture": [],
-            })
+            part = self.model_copy(
+                update={
+                    "dataset": item.dataset,
+                    "source": item.source or default_source(item.dataset),
+                    "window": self.window if item.window is None else item.window,
+                    "demonstrations": demos,
+                    "mixture": [],
+                }
+            )
             out.append((part, item.max_train_examples))
         return out
 

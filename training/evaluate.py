@@ -36,7 +36,9 @@ def plot_confusion(matrix: list[list[int]], labels: tuple[str, ...], title: str,
     top = max(max(row) for row in matrix) or 1
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color="white" if value > top / 2 else "black")
+            ax.text(
+                j, i, str(value), ha="center", va="center", fontsize=8, color="white" if value > top / 2 else "black"
+            )
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -70,16 +72,15 @@ async def evaluate_async(
     one row per utterance) and ``gold`` for fitting a calibration; the JSON written omits them."""
     from service.calibration import apply_many
     from service.engine import Engine
-    from service.predictor import Item, Predictor, open_indexes
-    from service.spec import ServingSpec
+    from service.predictor import Item, assemble
 
-    spec = ServingSpec.load(model_dir)
-    indexes = open_indexes(settings, spec)
     own_engine = engine is None
     if own_engine:
         engine = Engine(settings, model_dir)
+    predictor = assemble(settings, model_dir, engine)
+    spec, indexes = predictor.spec, predictor.indexes
+    if own_engine:
         await engine.start()
-    predictor = Predictor(settings, spec, engine, indexes)
     reports = []
     try:
         for dataset, split, source in runs:
@@ -94,7 +95,7 @@ async def evaluate_async(
             start = time.perf_counter()
             with tqdm(total=len(items), desc=f"{dataset} {split}", unit="utt", dynamic_ncols=True) as bar:
                 for begin in range(0, len(items), chunk):
-                    batch = items[begin:begin + chunk]
+                    batch = items[begin : begin + chunk]
                     raw.extend(r.raw for r in await predictor.run(batch, label_set, exclude_own=own))
                     bar.update(len(batch))
             wall = time.perf_counter() - start
@@ -113,8 +114,22 @@ async def evaluate_async(
                 "label_set": label_set,
                 "labels": list(labels),
                 "calibrated": calibration is not None,
-                **{k: result[k] for k in ("count", "weighted_f1", "accuracy", "ece", "mean_confidence", "per_class", "confusion_matrix", "predicted_counts")},
-                "uncalibrated": {k: before[k] for k in ("weighted_f1", "accuracy", "ece", "mean_confidence", "predicted_counts")},
+                **{
+                    k: result[k]
+                    for k in (
+                        "count",
+                        "weighted_f1",
+                        "accuracy",
+                        "ece",
+                        "mean_confidence",
+                        "per_class",
+                        "confusion_matrix",
+                        "predicted_counts",
+                    )
+                },
+                "uncalibrated": {
+                    k: before[k] for k in ("weighted_f1", "accuracy", "ece", "mean_confidence", "predicted_counts")
+                },
                 "wall_s": round(wall, 1),
                 "utterances_per_s": round(len(items) / wall, 2),
                 "dtype": settings.dtype,
@@ -125,7 +140,12 @@ async def evaluate_async(
             stem = out_dir / f"{spec.model_name}-{dataset}-{split}"
             stem.parent.mkdir(parents=True, exist_ok=True)
             Path(f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-            plot_confusion(result["confusion_matrix"], labels, f"{spec.model_name}: {dataset} {split}, weighted F1 {result['weighted_f1']:.2f}", Path(f"{stem}.png"))
+            plot_confusion(
+                result["confusion_matrix"],
+                labels,
+                f"{spec.model_name}: {dataset} {split}, weighted F1 {result['weighted_f1']:.2f}",
+                Path(f"{stem}.png"),
+            )
             report["files"] = [f"{stem}.json", f"{stem}.png"]
             report["distributions"], report["gold"] = raw, gold
             reports.append(report)
@@ -135,7 +155,9 @@ async def evaluate_async(
     return reports
 
 
-def served_runs(model_dir: Path, settings: Settings, splits: tuple[str, ...] = ("valid", "test"), out_of_domain: bool = True) -> list[tuple[str, str, str]]:
+def served_runs(
+    model_dir: Path, settings: Settings, splits: tuple[str, ...] = ("valid", "test"), out_of_domain: bool = True
+) -> list[tuple[str, str, str]]:
     """Every split of every dataset whose label set the model serves, plus DailyDialog test
     (out of domain, MELD labels) when MELD is served and its file is present."""
     from service.spec import ServingSpec
@@ -160,7 +182,9 @@ def calibrate(model_dir: Path, settings: Settings, out_dir: Path, also: list[Pat
     for report in reports:
         labels = report["labels"]
         gold = [labels.index(g) for g in report["gold"]]
-        spec.label_sets[report["label_set"]].calibration = fit(report["distributions"], gold, f"{report['dataset']} {report['split']}, {report['count']} utterances")
+        spec.label_sets[report["label_set"]].calibration = fit(
+            report["distributions"], gold, f"{report['dataset']} {report['split']}, {report['count']} utterances"
+        )
     for folder in (model_dir, *also):
         target = ServingSpec.load(folder)
         for name, entry in spec.label_sets.items():
@@ -179,11 +203,15 @@ def scores_table(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "ece": round(r["ece"], 4),
             "count": r["count"],
             "per_class_f1": {k: round(v["f1"], 2) for k, v in r["per_class"].items()},
-            "uncalibrated": {k: round(r["uncalibrated"][k], 4 if k == "ece" else 2) for k in ("weighted_f1", "accuracy", "ece")},
+            "uncalibrated": {
+                k: round(r["uncalibrated"][k], 4 if k == "ece" else 2) for k in ("weighted_f1", "accuracy", "ece")
+            },
         }
     return out
 
 
-def evaluate(model_dir: Path, runs: list[tuple[str, str, str]], settings: Settings, out_dir: Path, chunk: int = 256) -> list[dict[str, Any]]:
+def evaluate(
+    model_dir: Path, runs: list[tuple[str, str, str]], settings: Settings, out_dir: Path, chunk: int = 256
+) -> list[dict[str, Any]]:
     """Evaluate ``model_dir`` on each ``(dataset, split, source)`` through the serving path."""
     return asyncio.run(evaluate_async(model_dir, runs, settings, out_dir, chunk))

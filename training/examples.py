@@ -84,5 +84,9 @@ def build_examples(
                     if len(prompt) + 4 <= max_length or w == 0:
                         break
                     w -= 1
-                out.append(Example(task, tuple(prompt[-(max_length - 4):]), codec.target(turn.label), turn.label, d.id, t, dataset))
+                out.append(
+                    Example(
+                        task, tuple(prompt[-(max_length - 4) :]), codec.target(turn.label), turn.label, d.id, t, dataset
+                    )
+                )
     return out

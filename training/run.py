@@ -90,7 +90,12 @@ def load_corpus(config: TrainConfig, settings: Settings, limit: int | None = Non
         if stored["key"] == key:
             found = _demos_from_json(stored["train"]), _demos_from_json(stored["valid"])
             # Train and dev dialogue ids overlap (MELD numbers each split from 0): check each apart.
-            complete = all((d.id, t) in demos for dialogues, demos in zip((train, dev), found) for d in dialogues for t in range(len(d.turns)))
+            complete = all(
+                (d.id, t) in demos
+                for dialogues, demos in zip((train, dev), found)
+                for d in dialogues
+                for t in range(len(d.turns))
+            )
             if complete:
                 return Corpus(train, dev, *found)
     index = None
@@ -99,22 +104,38 @@ def load_corpus(config: TrainConfig, settings: Settings, limit: int | None = Non
 
         index = DemonstrationIndex(settings.index_root / config.demonstrations.index, Encoder.from_settings(settings))
     own = index is not None and index.manifest["split"] == "train"
-    corpus = Corpus(train, dev, retrieve_demonstrations(train, index, k, own_split=own), retrieve_demonstrations(dev, index, k, own_split=False))
+    corpus = Corpus(
+        train,
+        dev,
+        retrieve_demonstrations(train, index, k, own_split=own),
+        retrieve_demonstrations(dev, index, k, own_split=False),
+    )
     if k and cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        body = {"key": key, "index_checksum": index.manifest.get("data_checksum"), "train": _demos_to_json(corpus.train_demos), "valid": _demos_to_json(corpus.dev_demos)}
+        body = {
+            "key": key,
+            "index_checksum": index.manifest.get("data_checksum"),
+            "train": _demos_to_json(corpus.train_demos),
+            "valid": _demos_to_json(corpus.dev_demos),
+        }
         cache.write_text(json.dumps(body))
     return corpus
 
 
-def examples_for(config: TrainConfig, corpus: Corpus, tokenizer: Any, dev_sample: int | None) -> tuple[list[Example], list[Example]]:
+def examples_for(
+    config: TrainConfig, corpus: Corpus, tokenizer: Any, dev_sample: int | None
+) -> tuple[list[Example], list[Example]]:
     """Training examples of the config's tasks, and ERC dev examples (a seeded sample of
     ``dev_sample``, or all of them)."""
     on = config.demonstrations.enabled and config.demonstrations.k > 0
     train_demos = corpus.train_demos if on else {}
     dev_demos = corpus.dev_demos if on else {}
-    train_examples = build_examples(corpus.train, config.dataset, tokenizer, config.tasks, config.window, train_demos, config.max_length)
-    dev_all = build_examples(corpus.dev, config.dataset, tokenizer, ["erc"], config.window, dev_demos, config.max_length)
+    train_examples = build_examples(
+        corpus.train, config.dataset, tokenizer, config.tasks, config.window, train_demos, config.max_length
+    )
+    dev_all = build_examples(
+        corpus.dev, config.dataset, tokenizer, ["erc"], config.window, dev_demos, config.max_length
+    )
     if dev_sample is None or dev_sample >= len(dev_all):
         return train_examples, dev_all
     return train_examples, random.Random(config.seed).sample(dev_all, dev_sample)
@@ -145,7 +166,11 @@ def mixed_examples(
         train_examples, dev_examples = examples_for(part, corpus, tokenizer, dev_sample)
         if cap is not None and cap < len(train_examples):
             train_examples = random.Random(config.seed).sample(train_examples, cap)
-        print(f"{part.dataset}: {len(train_examples)} training examples, window {part.window}, k {part.demonstrations.k if part.demonstrations.enabled else 0}", flush=True)
+        print(
+            f"{part.dataset}: {len(train_examples)} training examples, window {part.window}, "
+            f"k {part.demonstrations.k if part.demonstrations.enabled else 0}",
+            flush=True,
+        )
         train_all.extend(train_examples)
         dev_all.extend(dev_examples)
     return train_all, dev_all
@@ -165,5 +190,8 @@ def run(
     model, tokenizer = load_lora_model(config, base_model_dir(config, settings))
     train_examples, dev_examples = mixed_examples(config, settings, tokenizer, limit, demonstrations_cache)
     tokens = sum(e.length for e in train_examples)
-    print(f"{len(train_examples)} training examples ({tokens} tokens), {len(dev_examples)} dev examples for selection", flush=True)
+    print(
+        f"{len(train_examples)} training examples ({tokens} tokens), {len(dev_examples)} dev examples for selection",
+        flush=True,
+    )
     return train(config, model, tokenizer, train_examples, dev_examples, out_root / config.name, resume=resume)

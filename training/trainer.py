@@ -9,7 +9,6 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,8 @@ def batches(examples: Sequence[Example], batch_size: int, seed: int, epoch: int)
     chunk = batch_size * 32
     out = []
     for start in range(0, len(order), chunk):
-        part = sorted(order[start:start + chunk], key=lambda i: examples[i].length)
-        out.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+        part = sorted(order[start : start + chunk], key=lambda i: examples[i].length)
+        out.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
     rng.shuffle(out)
     return out
 
@@ -78,7 +77,9 @@ def target_loss(model: Any, batch: dict[str, torch.Tensor], autocast: bool) -> t
     decoder, head = _parts(model)
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        hidden = decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+        hidden = decoder(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).last_hidden_state
         # Logits only where a target is predicted: the vocabulary projection of every position
         # would cost more than the adapted layers themselves.
         logits = head(hidden[batch["rows"].to(device), batch["cols"].to(device)])
@@ -86,7 +87,9 @@ def target_loss(model: Any, batch: dict[str, torch.Tensor], autocast: bool) -> t
 
 
 @torch.no_grad()
-def score_examples(model: Any, examples: Sequence[Example], codec: LabelCodec, batch_size: int, autocast: bool) -> list[str]:
+def score_examples(
+    model: Any, examples: Sequence[Example], codec: LabelCodec, batch_size: int, autocast: bool
+) -> list[str]:
     """Predicted label of each example: the argmax over the labels' first tokens at the last
     prompt position (the serving engine's first-token rule)."""
     decoder, head = _parts(model)
@@ -98,7 +101,7 @@ def score_examples(model: Any, examples: Sequence[Example], codec: LabelCodec, b
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
     by_index: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         seqs = [examples[i].prompt_ids for i in idx]
         width = _padded(max(len(s) for s in seqs))
         ids = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -117,7 +120,9 @@ def score_examples(model: Any, examples: Sequence[Example], codec: LabelCodec, b
     return predicted
 
 
-def dev_scores(model: Any, groups: dict[str, list[Example]], codecs: dict[str, LabelCodec], config: TrainConfig) -> dict[str, Any]:
+def dev_scores(
+    model: Any, groups: dict[str, list[Example]], codecs: dict[str, LabelCodec], config: TrainConfig
+) -> dict[str, Any]:
     """Weighted F1 per label set and their unweighted mean (``dev_weighted_f1``, the selection
     metric: each dataset counts the same, whatever its dev size)."""
     per_set = {}
@@ -145,7 +150,15 @@ def save_checkpoint(out: Path, model: Any, optimizer: Any, step: int, config: Tr
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer_state.pt")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+        },
+        tmp / "trainer_state.pt",
+    )
     (tmp / "history.json").write_text(json.dumps(history, indent=1))
     spec_for(config).save(tmp)
     if folder.exists():
@@ -162,7 +175,9 @@ def spec_for(config: TrainConfig) -> ServingSpec:
     label_sets = {}
     for part, _ in config.parts():
         demos = part.demonstrations
-        label_sets[part.dataset] = LabelSetSpec(window=part.window, demonstrations=Demonstrations(k=demos.k if demos.enabled else 0, index=demos.index))
+        label_sets[part.dataset] = LabelSetSpec(
+            window=part.window, demonstrations=Demonstrations(k=demos.k if demos.enabled else 0, index=demos.index)
+        )
     default = "meld" if "meld" in label_sets else next(iter(label_sets))
     # base_model is "embedded", a committed adapter's name (trained on top of it) or a folder path.
     base = None if config.base_model == "embedded" or "/" in config.base_model else config.base_model
@@ -170,7 +185,9 @@ def spec_for(config: TrainConfig) -> ServingSpec:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted(p for p in out.glob("checkpoint-*") if not p.name.endswith(".tmp") and (p / "trainer_state.pt").is_file())
+    found = sorted(
+        p for p in out.glob("checkpoint-*") if not p.name.endswith(".tmp") and (p / "trainer_state.pt").is_file()
+    )
     return found[-1] if found else None
 
 
@@ -232,7 +249,12 @@ def train(
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{running:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
-        record = {"step": step, "loss": loss.item(), "tokens": int(batch["attention_mask"].sum()), "elapsed_s": round(time.monotonic() - started, 1)}
+        record = {
+            "step": step,
+            "loss": loss.item(),
+            "tokens": int(batch["attention_mask"].sum()),
+            "elapsed_s": round(time.monotonic() - started, 1),
+        }
         out_of_time = config.max_minutes is not None and time.monotonic() - started > 60 * config.max_minutes
         # Without dev examples (the ablation scores every arm on all of dev itself) nothing is selected here.
         if dev_examples and (step % config.eval_every == 0 or step == total or out_of_time):
@@ -253,6 +275,13 @@ def train(
             log(f"time budget of {config.max_minutes} min reached at step {step}/{total}")
             break
     bar.close()
-    summary = {"config": config.model_dump(), "steps": step, "total_steps": total, "best_dev_weighted_f1": best, "train_examples": len(train_examples), "wall_s": round(time.monotonic() - started, 1)}
+    summary = {
+        "config": config.model_dump(),
+        "steps": step,
+        "total_steps": total,
+        "best_dev_weighted_f1": best,
+        "train_examples": len(train_examples),
+        "wall_s": round(time.monotonic() - started, 1),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
