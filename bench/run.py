@@ -29,7 +29,7 @@ class _Recorder:
         self.prompts: list[str] = []
 
     async def classify(
-        self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None
+        self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None, priority: int = 0
     ) -> list[list[float]]:
         self.prompts.extend(prompts)
         return [[1.0 / len(labels)] * len(labels) for _ in prompts]

@@ -33,6 +33,36 @@ class EngineUnavailable(RuntimeError):
     """The engine is not started yet, or it has died: refused before any work (503, safe to retry)."""
 
 
+class Overloaded(RuntimeError):
+    """More prompt tokens in flight than ``ERC_MAX_INFLIGHT_TOKENS`` would allow (429, retry)."""
+
+
+class TooMuchWork(ValueError):
+    """One request's prompts hold more tokens than ``ERC_MAX_REQUEST_TOKENS`` (422: it never fits)."""
+
+
+class TokenBudget:
+    """Prompt tokens admitted to the engine and not yet answered, against a limit: admission by
+    work, not by request count (one batch of 2,000 long turns is not one small /predict)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def acquire(self, tokens: int) -> None:
+        if self.used and self.used + tokens > self.limit:
+            raise Overloaded(
+                f"{self.used} prompt tokens in flight and this request brings {tokens}; the limit is {self.limit} "
+                "(ERC_MAX_INFLIGHT_TOKENS); retry shortly"
+            )
+        self.used += tokens
+        metrics.INFLIGHT_TOKENS.set(self.used)
+
+    def release(self, tokens: int) -> None:
+        self.used -= tokens
+        metrics.INFLIGHT_TOKENS.set(self.used)
+
+
 class EngineFailed(RuntimeError):
     """The engine died while serving a request (500: the work had started; not to be replayed)."""
 
@@ -102,6 +132,7 @@ class Engine:
         self._llm: Any = None
         self.tokenizer: Any = None
         self._codecs: dict[tuple[str, ...], LabelCodec] = {}
+        self.budget = TokenBudget(settings.max_inflight_tokens)
         #: Engine requests submitted and not yet finished, and when one last finished.
         self.pending = 0
         self._finished_at = time.monotonic()
@@ -129,6 +160,8 @@ class Engine:
             logprobs_mode="processed_logprobs",
             # Our stat logger enables the statistics; vLLM's own periodic log line stays off.
             disable_log_stats=True,
+            # Requests carry a priority: single /predict calls are scheduled before batch work.
+            scheduling_policy="priority",
         )
         if s.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = s.max_num_batched_tokens
@@ -144,10 +177,6 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self._llm = AsyncLLM.from_engine_args(self._engine_args(), stat_loggers=[_stat_logger_class()])
         metrics.ENGINE_ALIVE.set(1)
-
-    async def warm_up(self, prompt: str, labels: Sequence[str]) -> None:
-        # The first constrained request compiles kernels (~2 s); pay it before reporting ready.
-        await self.classify([prompt], labels)
 
     async def shutdown(self) -> None:
         if self._llm is not None:
@@ -198,21 +227,38 @@ class Engine:
         return ids
 
     async def classify(
-        self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None
+        self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None, priority: int = 0
     ) -> list[list[float]]:
         """Probabilities of every label (in ``labels`` order) for each prompt. All prompts go
         to the engine at once, so continuous batching and the prefix cache share the work.
-        ``decoding`` overrides ``ERC_DECODING`` (auto, first_token or score)."""
+        ``decoding`` overrides ``ERC_DECODING`` (auto, first_token or score); a lower
+        ``priority`` is scheduled first (single utterances before batches)."""
         llm = self._require()
         codec = self.codec(labels)
-        encoded = [self.encode(p) for p in prompts]
+        # Tokenizing thousands of turns takes a while: off the event loop, where deadlines fire.
+        encoded = await asyncio.to_thread(lambda: [self.encode(p) for p in prompts])
+        tokens = sum(map(len, encoded))
+        if tokens > self.settings.max_request_tokens:
+            raise TooMuchWork(
+                f"the request's {len(prompts)} prompts hold {tokens} tokens, over the limit of "
+                f"{self.settings.max_request_tokens} (ERC_MAX_REQUEST_TOKENS); send fewer dialogues per request"
+            )
+        self.budget.acquire(tokens)
+        try:
+            return await self._classify(llm, encoded, codec, decoding, priority)
+        finally:
+            self.budget.release(tokens)
+
+    async def _classify(
+        self, llm: Any, encoded: list[list[int]], codec: LabelCodec, decoding: str | None, priority: int
+    ) -> list[list[float]]:
         decoding = decoding or self.settings.decoding
         if decoding == "first_token" and codec.first_tokens is None:
             raise ValueError("first_token decoding needs distinct first tokens, but these labels' collide")
         use_first = codec.first_tokens is not None and decoding in ("auto", "first_token")
         one = self._first_token if use_first else self._score
         try:
-            return list(await asyncio.gather(*(one(llm, ids, codec) for ids in encoded)))
+            return list(await asyncio.gather(*(one(llm, ids, codec, priority) for ids in encoded)))
         except Exception as exc:
             if llm.errored:
                 metrics.ENGINE_ALIVE.set(0)
@@ -221,11 +267,12 @@ class Engine:
                 raise EngineFailed("the engine died while serving this request; it is not retried here") from exc
             raise
 
-    async def _final(self, llm: Any, prompt_ids: list[int], params: Any) -> Any:
+    async def _final(self, llm: Any, prompt_ids: list[int], params: Any, priority: int) -> Any:
         final = None
         self.pending += 1
         try:
-            async for output in llm.generate({"prompt_token_ids": prompt_ids}, params, uuid.uuid4().hex):
+            request = {"prompt_token_ids": prompt_ids}
+            async for output in llm.generate(request, params, uuid.uuid4().hex, priority=priority):
                 final = output
             # Only a finished request is progress (an aborted one is not).
             self._finished_at = time.monotonic()
@@ -233,7 +280,7 @@ class Engine:
             self.pending -= 1
         return final
 
-    async def _first_token(self, llm: Any, prompt_ids: list[int], codec: LabelCodec) -> list[float]:
+    async def _first_token(self, llm: Any, prompt_ids: list[int], codec: LabelCodec, priority: int) -> list[float]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -245,11 +292,11 @@ class Engine:
             logprobs=len(allowed),
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        final = await self._final(llm, prompt_ids, params)
+        final = await self._final(llm, prompt_ids, params, priority)
         step = final.outputs[0].logprobs[0]
         return normalise([step[t].logprob if t in step else -math.inf for t in allowed])
 
-    async def _score(self, llm: Any, prompt_ids: list[int], codec: LabelCodec) -> list[float]:
+    async def _score(self, llm: Any, prompt_ids: list[int], codec: LabelCodec, priority: int) -> list[float]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -258,7 +305,7 @@ class Engine:
         )
 
         async def total(continuation: tuple[int, ...]) -> float:
-            final = await self._final(llm, prompt_ids + list(continuation), params)
+            final = await self._final(llm, prompt_ids + list(continuation), params, priority)
             steps = final.prompt_logprobs[len(prompt_ids) :]
             return sum(step[token].logprob for step, token in zip(steps, continuation))
 

@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from service.engine import EngineFailed, EngineUnavailable, PromptTooLong
+from service.engine import EngineFailed, EngineUnavailable, Overloaded, PromptTooLong, TooMuchWork
 from service.middleware import refusal
 from service.predictor import LimitError
 from service.schemas import MAX_REPORTED_ERRORS
@@ -56,6 +56,14 @@ async def too_long(request: Request, exc: PromptTooLong) -> JSONResponse:
     return error_response(422, ["body"], str(exc), "prompt_too_long")
 
 
+async def too_much_work(request: Request, exc: TooMuchWork) -> JSONResponse:
+    return refusal(422, "too_many_tokens", str(exc))
+
+
+async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+    return refusal(429, "overload_tokens", str(exc), {"Retry-After": "1"}, ["request"])
+
+
 async def unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
     # Refused before any work: safe for a balancer to retry elsewhere.
     return error_response(503, ["request"], str(exc), "unavailable", {"Retry-After": "5"})
@@ -78,6 +86,8 @@ HANDLERS: dict[type[Exception], Any] = {
     RequestValidationError: invalid,
     LimitError: over_limit,
     PromptTooLong: too_long,
+    TooMuchWork: too_much_work,
+    Overloaded: overloaded,
     EngineUnavailable: unavailable,
     EngineFailed: engine_failed,
     DeadlineExceeded: deadline,
@@ -93,7 +103,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "Invalid input: detail[].loc names the field, msg the limit; "
         "also a label set the model does not serve."
     },
-    429: {"description": "Over ERC_MAX_INFLIGHT; retry after Retry-After seconds."},
+    429: {"description": "Over ERC_MAX_INFLIGHT requests or ERC_MAX_INFLIGHT_TOKENS; retry after Retry-After seconds."},
     500: {"description": "The engine failed while serving this request (not safe to replay blindly)."},
     503: {
         "description": "Refused before any work: loading, draining, or the engine is dead (safe to retry elsewhere)."

@@ -19,6 +19,7 @@ RETRIEVAL_LATENCY = Histogram(
     "Demonstration retrieval (embedding + search) per request.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+INFLIGHT_TOKENS = Gauge("erc_inflight_prompt_tokens", "Prompt tokens admitted to the engine and not yet answered.")
 ENGINE_WAITING = Gauge("erc_engine_waiting_requests", "Requests queued in the engine (last step).")
 ENGINE_RUNNING = Gauge("erc_engine_running_requests", "Requests running in the engine (last step).")
 ENGINE_BATCH = Histogram(

@@ -42,8 +42,15 @@ class LimitError(ValueError):
         self.kind = kind
 
 
+#: Engine priorities (lower is scheduled first): a chatbot's single utterance is not queued
+#: behind a batch job's thousands.
+INTERACTIVE, BATCH = 0, 1
+
+
 class Classifier(Protocol):
-    async def classify(self, prompts: Sequence[str], labels: Sequence[str]) -> list[list[float]]: ...
+    async def classify(
+        self, prompts: Sequence[str], labels: Sequence[str], *, priority: int = INTERACTIVE
+    ) -> list[list[float]]: ...
 
 
 @dataclass(frozen=True)
@@ -177,7 +184,9 @@ class Predictor:
         metrics.RETRIEVAL_LATENCY.observe(time.perf_counter() - start)
         return found
 
-    async def run(self, items: Sequence[Item], label_set: str, exclude_own: bool = False) -> list[Scored]:
+    async def run(
+        self, items: Sequence[Item], label_set: str, exclude_own: bool = False, priority: int = INTERACTIVE
+    ) -> list[Scored]:
         """Classify ``items``; ``exclude_own`` keeps each item's own dialogue out of its
         demonstrations (evaluating a split that is in the pool)."""
         label_set = self._label_set(label_set)
@@ -189,7 +198,7 @@ class Predictor:
             for item, demos in zip(items, demonstrations)
         ]
         started = time.perf_counter()
-        distributions = await self.engine.classify(prompts, labels)
+        distributions = await self.engine.classify(prompts, labels, priority=priority)
         metrics.ENGINE_LATENCY.observe(time.perf_counter() - started)
         results = []
         for raw, prompt, demos in zip(distributions, prompts, demonstrations):
@@ -243,7 +252,7 @@ class Predictor:
         for d in request.dialogues:
             dialogue = to_dialogue(d)
             items.extend(Item(dialogue, t) for t in range(len(d.turns)))
-        results = iter(await self.run(items, label_set))
+        results = iter(await self.run(items, label_set, priority=BATCH))
         return PredictDialogueResponse(
             results=[
                 DialogueResult(id=d.id, predictions=[next(results).prediction for _ in d.turns])

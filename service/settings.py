@@ -90,6 +90,14 @@ class Settings(BaseSettings):
     max_inflight: int = Field(
         default=64, ge=1, description="Prediction requests served at once; beyond it 429 + Retry-After."
     )
+    max_inflight_tokens: int = Field(
+        default=200_000,
+        ge=1,
+        description="Prompt tokens admitted to the engine at once; beyond it 429 + Retry-After (admission by work).",
+    )
+    max_request_tokens: int = Field(
+        default=150_000, ge=1, description="Prompt tokens of one request; beyond it 422 (it would never be admitted)."
+    )
     request_timeout_s: float = Field(
         default=120.0,
         gt=0,

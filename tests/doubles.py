@@ -24,7 +24,7 @@ class FakeEngine:
         return None
 
     async def classify(
-        self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None
+        self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None, priority: int = 0
     ) -> list[list[float]]:
         self.calls.append(list(prompts))
         out = []
@@ -45,7 +45,7 @@ class SlowEngine(FakeEngine):
         self.active = 0
 
     async def classify(
-        self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None
+        self, prompts: Sequence[str], labels: Sequence[str], decoding: str | None = None, priority: int = 0
     ) -> list[list[float]]:
         import asyncio
 
@@ -57,4 +57,4 @@ class SlowEngine(FakeEngine):
             raise
         finally:
             self.active -= 1
-        return await super().classify(prompts, labels, decoding)
+        return await super().classify(prompts, labels, decoding, priority)

@@ -115,7 +115,7 @@ def test_an_engine_that_dies_mid_request_is_a_500_not_a_retryable_503():
     from service.engine import EngineFailed
 
     class Dying(FakeEngine):
-        async def classify(self, prompts, labels, decoding=None):
+        async def classify(self, prompts, labels, decoding=None, priority=0):
             raise EngineFailed("the engine died while serving this request; it is not retried here")
 
     with TestClient(make_app(Dying())) as client:
@@ -421,3 +421,39 @@ def test_schema_fuzzing_no_5xx_and_responses_match_the_schema():
         check()
     assert ran >= 100
     assert failures == []
+
+
+def test_token_budget_admits_the_first_request_whatever_its_size_then_counts_work():
+    from service.engine import Overloaded, TokenBudget
+
+    budget = TokenBudget(1000)
+    budget.acquire(5000)  # alone it is admitted (ERC_MAX_REQUEST_TOKENS bounds it instead)
+    with pytest.raises(Overloaded, match="5000 prompt tokens in flight and this request brings 10"):
+        budget.acquire(10)
+    budget.release(5000)
+    budget.acquire(600)
+    budget.acquire(400)
+    with pytest.raises(Overloaded, match="ERC_MAX_INFLIGHT_TOKENS"):
+        budget.acquire(1)
+    budget.release(600)
+    budget.release(400)
+    assert budget.used == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "kind"),
+    [("Overloaded", 429, "overload_tokens"), ("TooMuchWork", 422, "too_many_tokens")],
+)
+def test_work_refusals_answer_in_the_one_error_body(error, status, kind):
+    from service import engine as engine_module
+
+    exc = getattr(engine_module, error)
+
+    class Refusing(FakeEngine):
+        async def classify(self, prompts, labels, decoding=None, priority=0):
+            raise exc("work limit (ERC_MAX_INFLIGHT_TOKENS)")
+
+    with TestClient(make_app(Refusing())) as client:
+        response = client.post("/predict", json=DIALOGUE)
+        assert response.status_code == status and response.json()["detail"][0]["type"] == kind
+        assert (response.headers.get("retry-after") == "1") == (status == 429)

@@ -313,6 +313,66 @@ def test_soak_fixed_concurrency_zero_errors_flat_memory(live, meld_dialogues):
     assert end_mb < start_mb * 1.05 + 50
 
 
+def test_work_aware_admission_counts_prompt_tokens(live, data_dir):
+    """Admission by work: a request over ERC_MAX_REQUEST_TOKENS is a 422 naming it; with
+    ERC_MAX_INFLIGHT_TOKENS worth of work in flight, the next request gets 429 + Retry-After."""
+    import threading
+
+    engine = live.app.state.service.engine
+    dialogues = [_api(d) for d in load_split(data_dir, "meld", "test", "csv")[:12]]
+    settings, budget = engine.settings, engine.budget
+    before = settings.max_request_tokens, budget.limit
+    try:
+        settings.max_request_tokens = 500
+        response = live.post("/predict_dialogue", json={"dialogues": dialogues})
+        assert response.status_code == 422 and "ERC_MAX_REQUEST_TOKENS" in response.json()["detail"][0]["msg"]
+        settings.max_request_tokens = before[0]
+        budget.limit = 2000  # a few /predict prompts' worth
+        result: dict = {}
+        batch = threading.Thread(
+            target=lambda: result.update(r=live.post("/predict_dialogue", json={"dialogues": dialogues}))
+        )
+        batch.start()
+        deadline = time.monotonic() + 30
+        while budget.used == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = live.post("/predict", json={"dialogue": dialogues[0]})
+        batch.join(timeout=300)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1", refused.text
+        assert "ERC_MAX_INFLIGHT_TOKENS" in refused.json()["detail"][0]["msg"]
+        assert result["r"].status_code == 200  # the first request is always admitted, whatever its size
+    finally:
+        settings.max_request_tokens, budget.limit = before
+    assert budget.used == 0
+
+
+def test_single_predictions_are_not_starved_by_a_batch(live, data_dir):
+    """/predict runs at a higher engine priority than /predict_dialogue: while a large batch is
+    being served, single utterances still come back before it ends."""
+    import threading
+
+    dialogues = [_api(d) for d in load_split(data_dir, "meld", "test", "csv")[:60]]
+    done: dict = {}
+    batch = threading.Thread(
+        target=lambda: done.update(r=live.post("/predict_dialogue", json={"dialogues": dialogues}), t=time.monotonic())
+    )
+    started = time.monotonic()
+    batch.start()
+    time.sleep(1.0)
+    latencies = []
+    for d in dialogues[:3]:
+        t0 = time.monotonic()
+        assert live.post("/predict", json={"dialogue": d}).status_code == 200
+        latencies.append(time.monotonic() - t0)
+    finished_singles = time.monotonic()
+    batch.join(timeout=600)
+    assert done["r"].status_code == 200
+    turns = sum(len(d["turns"]) for d in dialogues)
+    during = ", ".join(f"{x:.2f}" for x in latencies)
+    print(f"\n[priority] batch of {turns} utterances took {done['t'] - started:.1f} s; /predict during it: {during} s")
+    assert finished_singles < done["t"], "the single predictions waited for the whole batch"
+
+
 def _engine_cores():
     import psutil
 
