@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from bench.launcher import ServerProcess
 from service.data import load_split
 from service.settings import get_settings
 
@@ -77,23 +78,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     settings = get_settings()
     data = load_split(settings.data_dir, "meld", "test", "csv")[: args.dialogues]
-    erc = Path(sys.executable).parent / "erc"
-    server = subprocess.Popen(
-        [str(erc), "serve", "--port", str(args.port)],
-        stdout=(args.out / "serve.log").open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{args.port}"
+    launched = ServerProcess(args.port, log=args.out / "serve.log")
+    server, base = launched.proc, launched.base
     try:
-        while True:
-            try:
-                if httpx.get(base + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None:
-                raise SystemExit(f"server exited; see {args.out / 'serve.log'}")
-            time.sleep(0.5)
+        launched.wait_ready()
         workers = [
             p
             for p in psutil.Process(server.pid).children(recursive=True)
@@ -137,8 +125,7 @@ def main() -> None:
         for s in spies:
             s.wait()
     finally:
-        server.terminate()
-        server.wait(60)
+        launched.stop()
     for raw in sorted(args.out.glob("*.txt")):
         print(summarize(raw))
 

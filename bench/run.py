@@ -6,17 +6,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from bench.launcher import ServerProcess
 
 from service import provenance
 from service.data import Dialogue, load_split
@@ -64,48 +61,11 @@ def unavoidable_tokens(token_lists: Sequence[Sequence[int]]) -> list[int]:
 
 
 # --- the service under test ---------------------------------------------------------------------
-class Server:
+class Server(ServerProcess):
+    """``erc serve`` with its peak memory sampled, and its metrics parsed."""
+
     def __init__(self, port: int, env: dict[str, str]) -> None:
-        import psutil
-
-        self.port = port
-        self.base = f"http://127.0.0.1:{port}"
-        erc = str(Path(sys.executable).with_name("erc"))
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [erc, "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env={**os.environ, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._ps = psutil.Process(self.proc.pid)
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            try:
-                procs = [self._ps, *self._ps.children(recursive=True)]
-                self.peak_mb = max(self.peak_mb, sum(p.memory_info().rss for p in procs) / 2**20)
-            except psutil.Error:
-                pass
-            time.sleep(0.2)
-
-    def wait_ready(self, timeout: float = 600) -> float:
-        while time.monotonic() - self.started < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError("the server exited during start-up")
-            try:
-                if httpx.get(f"{self.base}/ready", timeout=2).status_code == 200:
-                    return time.monotonic() - self.started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("not ready")
+        super().__init__(port, env, sample_memory=True)
 
     def metrics(self) -> dict[str, float]:
         from prometheus_client.parser import text_string_to_metric_families
@@ -118,16 +78,6 @@ class Server:
                 )
                 out[key] = s.value
         return out
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 def _sum(m: dict[str, float], prefix: str, **labels: str) -> float:

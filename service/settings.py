@@ -39,9 +39,6 @@ class Settings(BaseSettings):
     )
     demonstrations_k: int = Field(default=3, ge=0, le=32)
 
-    # --- prompts ------------------------------------------------------------------------------
-    window: int = Field(default=12, ge=0, description="History turns before the target (CLI).")
-
     # --- model and engine ---------------------------------------------------------------------
     model_dir: Path | None = Field(
         default=None,
@@ -129,7 +126,6 @@ class Settings(BaseSettings):
         description="Work pending and no engine step for this long: /health turns 503 (a hung engine is restarted).",
     )
     log_json: bool = Field(default=True, description="Structured JSON logs (one object per line).")
-    log_text: bool = Field(default=False, description="Allow utterance text in logs (off: never logged).")
 
     # --- server -----------------------------------------------------------------------------------
     host: str = "0.0.0.0"

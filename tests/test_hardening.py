@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from bench.launcher import free_port
 from service import logs
 from service.api import create_app
 from service.predictor import Predictor
@@ -83,15 +84,9 @@ def test_deadline_504_aborts_the_engine_work():
         assert client.post("/predict", json=DIALOGUE).status_code == 504
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_client_disconnect_aborts_the_engine_work():
     engine = SlowEngine(10.0)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(make_app(engine), host="127.0.0.1", port=port, log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -171,7 +166,7 @@ class _Server:
     """The app under a real uvicorn on loopback, for tests that need raw sockets."""
 
     def __init__(self, app) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
