@@ -428,8 +428,9 @@ def test_a_hung_engine_turns_health_503_and_recovers(live):
     assert live.get("/health").status_code == 200
 
 
-def test_zz_engine_death_turns_health_503_and_requests_fail_fast(live):
-    """Runs last in this module (pytest keeps file order): it kills the session's engine."""
+def test_engine_death_turns_health_503_and_requests_fail_fast(live):
+    """Defined last in this module, and pytest runs a module in definition order: it kills the
+    session's engine."""
     for proc in _engine_cores():
         proc.kill()
     deadline = time.monotonic() + 30
