@@ -74,8 +74,9 @@ WORKDIR /app
 # only to /tmp (HOME: vLLM and torch caches), so the root file system can be read-only.
 USER 10001
 EXPOSE 8000
+# The port the server listens on (ERC_PORT, as in `docker run --network host -e ERC_PORT=8001`).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=180s --retries=3 \
-    CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:8000/health"]
+    CMD ["sh", "-c", "curl -fsS -o /dev/null http://127.0.0.1:${ERC_PORT:-8000}/health"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tini", "--", "erc-entrypoint"]
 
@@ -115,6 +116,6 @@ WORKDIR /app
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
-    CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:8000/health"]
+    CMD ["sh", "-c", "curl -fsS -o /dev/null http://127.0.0.1:${ERC_PORT:-8000}/health"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tini", "--", "erc-entrypoint"]
