@@ -53,7 +53,9 @@ class ServiceState:
 
     @property
     def stalled(self) -> bool:
-        return self.engine is not None and self.engine.stalled()
+        # Only once loaded: the warm-up request compiles kernels for tens of seconds without an
+        # engine step, and a loading pod is the startup probe's business, not the liveness one's.
+        return self.predictor is not None and self.engine is not None and self.engine.stalled()
 
 
 #: Fills a :class:`ServiceState` (the real one loads model, indexes and engine; tests pass doubles).
