@@ -43,7 +43,9 @@ def test_dockerfile_is_lint_clean():
     result = subprocess.run([_tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     text = (ROOT / "Dockerfile").read_text()
-    assert "AS cpu" in text and "AS gpu" in text and text.rfind("AS gpu") > text.rfind("AS cpu")  # gpu is the default (last) target
+    assert (
+        "AS cpu" in text and "AS gpu" in text and text.rfind("AS gpu") > text.rfind("AS cpu")
+    )  # gpu is the default (last) target
     assert re.search(r"^USER 10001$", text, re.M) and "HEALTHCHECK" in text and "/health" in text
 
 
@@ -78,14 +80,24 @@ def test_kubernetes_manifests_validate_and_are_hardened():
     assert pod["automountServiceAccountToken"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
     sc = container["securityContext"]
-    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert (
+        sc["readOnlyRootFilesystem"] is True
+        and sc["allowPrivilegeEscalation"] is False
+        and sc["capabilities"]["drop"] == ["ALL"]
+    )
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert "emptyDir" in volumes[mounts["/tmp"]] and "emptyDir" in volumes[mounts["/dev/shm"]]  # HOME and vLLM's shared memory
+    assert (
+        "emptyDir" in volumes[mounts["/tmp"]] and "emptyDir" in volumes[mounts["/dev/shm"]]
+    )  # HOME and vLLM's shared memory
     startup, readiness = container["startupProbe"], container["readinessProbe"]
     assert startup["httpGet"]["path"] == "/ready" and startup["periodSeconds"] * startup["failureThreshold"] >= 300
     assert readiness["timeoutSeconds"] >= 5 and readiness["failureThreshold"] >= 3
-    env = {e["name"]: float(e["value"]) for e in container["env"] if e["name"].startswith("ERC_") and e["name"].endswith("_S")}
+    env = {
+        e["name"]: float(e["value"])
+        for e in container["env"]
+        if e["name"].startswith("ERC_") and e["name"].endswith("_S")
+    }
     pre_stop = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pre_stop >= 3  # endpoints leave before the drain starts
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + env["ERC_DRAIN_GRACE_S"] + env["ERC_REQUEST_TIMEOUT_S"]
@@ -115,7 +127,9 @@ def render_nginx(tmp: Path, ports: list[int], listen: int) -> Path:
 
 def test_nginx_accepts_the_config(tmp_path):
     conf = render_nginx(tmp_path, [_free_port(), _free_port()], _free_port())
-    result = subprocess.run([_tool("nginx"), "-t", "-c", str(conf), "-p", str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run(
+        [_tool("nginx"), "-t", "-c", str(conf), "-p", str(tmp_path)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -127,7 +141,13 @@ class Replica:
         env = {**os.environ, "ERC_DRAIN_GRACE_S": "1", "ERC_KV_CACHE_GIB": "1"}
         self.log = log.open("w")
         erc = str(Path(sys.executable).with_name("erc"))
-        self.proc = subprocess.Popen([erc, "serve", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [erc, "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout: float = 400) -> None:
         deadline = time.monotonic() + timeout
@@ -214,7 +234,13 @@ def cluster(data_dir, settings, tmp_path_factory):
     try:
         for r in replicas:
             r.wait_ready()
-        yield {"base": f"http://127.0.0.1:{listen}", "replicas": replicas, "tmp": tmp, "access": tmp / "access.log", "payloads": _payloads(data_dir)}
+        yield {
+            "base": f"http://127.0.0.1:{listen}",
+            "replicas": replicas,
+            "tmp": tmp,
+            "access": tmp / "access.log",
+            "payloads": _payloads(data_dir),
+        }
     finally:
         lb.terminate()
         lb.wait(timeout=30)
@@ -223,7 +249,9 @@ def cluster(data_dir, settings, tmp_path_factory):
 
 
 def _report(name: str, stats: dict, retried: int) -> None:
-    print(f"\n[{name}] sent {stats['sent']}, succeeded {stats['succeeded']}, retried {retried}, failed {stats['failed']}")
+    print(
+        f"\n[{name}] sent {stats['sent']}, succeeded {stats['succeeded']}, retried {retried}, failed {stats['failed']}"
+    )
     for error in stats["errors"][:5]:
         print(f"[{name}]   {error}")
 
