@@ -120,6 +120,16 @@ def _load_index(name: str):
     return DemonstrationIndex(settings.index_root / name, Encoder.from_settings(settings))
 
 
+def _embed_split(settings, encoder, dataset: str, split: str, source: str, out: Path) -> dict:
+    """Embed one split into the index folder ``out`` (with the data file's checksum)."""
+    from service.data import data_file, sha256_file
+    from service.retrieval import build_index
+
+    dialogues = load_split(settings.data_dir, dataset, split, source)
+    checksum = f"sha256:{sha256_file(data_file(settings.data_dir, dataset, source, split))}"
+    return build_index(dialogues, encoder, out, dataset=dataset, split=split, source=source, data_checksum=checksum)
+
+
 @index_app.command("build")
 def index_build(
     dataset: Annotated[Dataset, typer.Option(help="Dataset whose utterances form the pool.")],
@@ -128,27 +138,15 @@ def index_build(
     name: Annotated[Optional[str], typer.Option(help="Index name (default: the dataset).")] = None,
 ) -> None:
     """Embed a split and write index/<name>/ (FAISS index, pool, manifest)."""
-    from service.data import data_file, sha256_file
-    from service.retrieval import Encoder, build_index
+    from service.retrieval import Encoder
 
     settings = get_settings()
     src = source.value if source else default_source(dataset.value)
+    out = settings.index_root / (name or dataset.value)
     try:
-        dialogues = load_split(settings.data_dir, dataset.value, split.value, src)
+        manifest = _embed_split(settings, Encoder.from_settings(settings), dataset.value, split.value, src, out)
     except DataError as exc:
         raise _fail(str(exc)) from None
-    path = data_file(settings.data_dir, dataset.value, src, split.value)
-    encoder = Encoder.from_settings(settings)
-    out = settings.index_root / (name or dataset.value)
-    manifest = build_index(
-        dialogues,
-        encoder,
-        out,
-        dataset=dataset.value,
-        split=split.value,
-        source=src,
-        data_checksum=f"sha256:{sha256_file(path)}",
-    )
     typer.echo(f"wrote {out}: {manifest['count']} utterances from {manifest['dialogues']} dialogues")
 
 
@@ -156,8 +154,8 @@ def index_build(
 def index_ensure() -> None:
     """Build the index of every dataset whose training split is in ERC_DATA_DIR and whose index
     is not built yet (index/meld, index/iemocap, index/emorynlp); say which are skipped and why."""
-    from service.data import data_file, sha256_file
-    from service.retrieval import Encoder, build_index
+    from service.data import data_file
+    from service.retrieval import Encoder
 
     settings = get_settings()
     encoder = None
@@ -175,16 +173,7 @@ def index_ensure() -> None:
             )
             continue
         encoder = encoder or Encoder.from_settings(settings)
-        dialogues = load_split(settings.data_dir, dataset.value, "train", src)
-        manifest = build_index(
-            dialogues,
-            encoder,
-            out,
-            dataset=dataset.value,
-            split="train",
-            source=src,
-            data_checksum=f"sha256:{sha256_file(path)}",
-        )
+        manifest = _embed_split(settings, encoder, dataset.value, "train", src, out)
         typer.echo(f"built    {out}: {manifest['count']} utterances from {manifest['dialogues']} dialogues")
 
 
