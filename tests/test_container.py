@@ -1,16 +1,20 @@
 """The CPU image, built and run on this machine: `deploy/image.sh` (what `make image` runs) builds
-erc:cpu, then two containers (read-only root file system, no capabilities, non-root) and one
-bare `erc serve` process serve the same index. The containers must get ready, report healthy,
-answer the same labels as the bare process, run every process as the service user under tini,
-and a `docker stop` of one of them behind nginx under load must lose no request.
+erc:cpu, then `deploy/compose.yaml` brings up two replicas and the nginx balancer (the compose
+file users run, unchanged but for the index folder and the published port), beside one bare
+`erc serve` process on the same index. The replicas must get ready, report healthy, answer the
+same labels as the bare process, run every process as the service user under tini with the
+hardening and limits compose.yaml asks for, and a `docker stop` of one of them under load
+through the balancer must lose no request; a replica whose server dies is restarted.
 
-Needs root (it may install docker.io and start a Docker daemon of its own, which it stops
-again) and the built index; skipped without them on a developer machine, failed under CI."""
+Needs root (it may install docker.io and docker-compose and start a Docker daemon of its own,
+which it stops again) and the built index; skipped without them on a developer machine, failed
+under CI."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -19,8 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.launcher import ServerProcess, free_port
 from tests.conftest import IN_CI, require
-from tests.test_deploy import Replica, _free_port, _payloads, _retried, _tool, render_nginx, run_load
+from tests.test_deploy import _payloads, _retried, run_load
 
 # Opt-in until the whole module has been seen passing in a fresh CI run: a cold image build
 # (~7 min) and three engines compiling on two cores (2-10 min) make it the slowest and least
@@ -33,11 +38,14 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 IMAGE = os.environ.get("ERC_TEST_IMAGE", "erc:cpu")
 LABEL = "erc-test-container=1"
+PROJECT_FORMAT = '{{.ID}} {{.Label "com.docker.compose.project"}}'
 # A cold build here (no layer cache) downloads about 1.5 GB of wheels and converts the weights.
 BUILD_TIMEOUT_S = 1800
-# Two engines compile at once on two cores; other work on the machine slows it a lot (586 s
+# Three engines compile at once on two cores; other work on the machine slows it a lot (586 s
 # measured beside a heavy job, 126 s alone): deploy/README.md.
 READY_TIMEOUT_S = 900
+# The bare process drains and caches as test_deploy's replicas do.
+BARE_ENV = {"ERC_DRAIN_GRACE_S": "1", "ERC_KV_CACHE_GIB": "1"}
 
 
 def _skip_or_fail(message: str) -> None:
@@ -70,7 +78,7 @@ def docker_env():
     env = dict(os.environ)
     started = False
     if (
-        shutil_which("docker") is None
+        shutil.which("docker") is None
         or subprocess.run(["docker", "info"], env=env, capture_output=True, timeout=60).returncode != 0
     ):
         out = _run([str(DEPLOY / "dockerd.sh"), "start"], env, 600, "starting dockerd").stdout
@@ -88,66 +96,57 @@ def docker_env():
             subprocess.run([str(DEPLOY / "dockerd.sh"), "stop"], env=env, timeout=120)
 
 
-def shutil_which(name: str) -> str | None:
-    import shutil
-
-    return shutil.which(name)
-
-
 def _remove_leftovers(env: dict) -> None:
-    ids = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label={LABEL}"], env=env, capture_output=True, text=True, timeout=60
-    ).stdout.split()
+    """Containers of an earlier run that did not clean up: labelled ones, and compose projects
+    named erctest* with their networks."""
+
+    def lines(*args: str) -> list[str]:
+        return subprocess.run(
+            ["docker", *args], env=env, capture_output=True, text=True, timeout=60
+        ).stdout.splitlines()
+
+    ids = lines("ps", "-aq", "--filter", f"label={LABEL}")
+    listed = lines("ps", "-a", "--filter", "label=com.docker.compose.project", "--format", PROJECT_FORMAT)
+    ids += [i for i, _, project in (line.partition(" ") for line in listed) if project.startswith("erctest")]
     if ids:
         subprocess.run(["docker", "rm", "-f", *ids], env=env, capture_output=True, timeout=120)
+    networks = [n for n in lines("network", "ls", "--format", "{{.Name}}") if n.startswith("erctest")]
+    if networks:
+        subprocess.run(["docker", "network", "rm", *networks], env=env, capture_output=True, timeout=60)
+
+
+def _compose_command(env: dict) -> list[str]:
+    """Compose v2 (`docker compose`) where the CLI has it, else the standalone docker-compose
+    (Debian's 1.29, installed here when absent)."""
+    if subprocess.run(["docker", "compose", "version"], env=env, capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose") is None:
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker-compose"],
+            env={**env, "DEBIAN_FRONTEND": "noninteractive"},
+            capture_output=True,
+            timeout=600,
+        )
+    if shutil.which("docker-compose") is None:
+        _skip_or_fail("neither `docker compose` nor docker-compose is available (apt-get install docker-compose)")
+    return ["docker-compose"]
 
 
 class Container:
-    """erc:cpu hardened as deploy/README.md says production runs it."""
+    """One running container: docker inspect/logs/exec, and its server's address."""
 
-    def __init__(self, env: dict, name: str, port: int, index_root: Path) -> None:
-        self.env, self.name, self.port = env, f"{name}-{os.getpid()}", port
-        self.started = time.monotonic()
+    def __init__(self, env: dict, container_id: str, base: str, started: float) -> None:
+        self.env, self.id, self.base, self.started = env, container_id, base, started
+        self.name = self.inspect()["Name"].lstrip("/")
         self.ready_after: float | None = None
-        self.id = _docker(
-            env,
-            "run",
-            "-d",
-            "--name",
-            self.name,
-            "--label",
-            LABEL,
-            "--network",
-            "host",
-            "--read-only",
-            "--tmpfs",
-            "/tmp:rw,exec,nosuid,nodev,size=2g",
-            "--shm-size",
-            "1g",
-            "--cap-drop",
-            "ALL",
-            "--security-opt",
-            "no-new-privileges",
-            "-e",
-            f"ERC_PORT={port}",
-            "-e",
-            "ERC_KV_CACHE_GIB=1",
-            "-e",
-            "VLLM_CPU_KVCACHE_SPACE=1",
-            "-e",
-            "ERC_DRAIN_GRACE_S=1",
-            "-v",
-            f"{index_root}:/app/index:ro",
-            IMAGE,
-            what=f"docker run {name}",
-        )
 
     def inspect(self) -> dict:
         return json.loads(_docker(self.env, "inspect", self.id))[0]
 
-    def logs(self) -> str:
+    def logs(self, stderr: bool = True) -> str:
         result = subprocess.run(["docker", "logs", self.id], env=self.env, capture_output=True, text=True, timeout=60)
-        return result.stdout + result.stderr
+        return result.stdout + (result.stderr if stderr else "")
 
     def diagnosis(self) -> str:
         """The container's log without its per-request lines, for failure messages."""
@@ -164,7 +163,7 @@ class Container:
             if not self.inspect()["State"]["Running"]:
                 raise AssertionError(f"container {self.name} exited before /ready:\n{self.diagnosis()}")
             try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{self.base}/ready", timeout=2).status_code == 200:
                     self.ready_after = time.monotonic() - self.started
                     return self.ready_after
             except httpx.HTTPError:
@@ -178,6 +177,36 @@ class Container:
         raise AssertionError(f"container {self.name} not ready after {timeout} s:\n{self.diagnosis()}")
 
 
+class Compose:
+    """deploy/compose.yaml as a project of its own (name, index folder and published port set)."""
+
+    def __init__(self, env: dict, index_root: Path) -> None:
+        self.project = f"erctest{os.getpid()}"
+        self.port = free_port()
+        self.env = {
+            **env,
+            "ERC_INDEX_DIR": str(index_root),
+            "ERC_LB_PORT": str(self.port),
+            # Three engines share two cores and the machine's memory.
+            "ERC_KV_CACHE_GIB": "1",
+        }
+        for name in ("ERC_MEM_LIMIT", "ERC_TARGET", "ERC_REPLICAS"):  # compose.yaml's defaults are under test
+            self.env.pop(name, None)
+        self.cmd = [*_compose_command(env), "-f", str(DEPLOY / "compose.yaml"), "-p", self.project]
+
+    def __call__(self, *args: str, timeout: float = 300) -> str:
+        return _run([*self.cmd, *args], self.env, timeout, f"compose {' '.join(args)}").stdout.strip()
+
+    def container(self, service: str) -> str:
+        ids = self("ps", "-q", service).split()
+        assert len(ids) == 1, f"service {service}: containers {ids}"
+        return ids[0]
+
+    def ip(self, service: str) -> str:
+        networks = json.loads(_docker(self.env, "inspect", self.container(service)))[0]["NetworkSettings"]["Networks"]
+        return next(iter(networks.values()))["IPAddress"]
+
+
 @pytest.fixture(scope="module")
 def deployment(docker_env, settings, data_dir, tmp_path_factory):
     index_root = require(
@@ -185,32 +214,40 @@ def deployment(docker_env, settings, data_dir, tmp_path_factory):
     ).parent.parent.resolve()
     require(settings.weights_root / "base" / "erc.json", "run `erc weights build`")
     tmp = tmp_path_factory.mktemp("container")
-    bare = Replica(_free_port(), tmp / "bare.log")
-    containers = []
+    compose = Compose(docker_env, index_root)
+    compose("build", "nginx", timeout=600)
+    bare = None
     try:
-        # Two engines compile at once (as in test_deploy's cluster), then the second container.
-        containers.append(Container(docker_env, "erc-test-a", _free_port(), index_root))
-        bare.wait_ready(timeout=READY_TIMEOUT_S)
-        containers[0].wait_ready()
+        started = time.monotonic()
+        # `up` returns once both replicas' HEALTHCHECK passes (nginx depends on it): the server
+        # answers /health while its engine is still loading.
+        compose("up", "-d", "--no-build", timeout=READY_TIMEOUT_S)
+        bare = ServerProcess(free_port(), env=BARE_ENV, log=tmp / "bare.log")
+        replicas = [
+            Container(docker_env, compose.container(s), f"http://{compose.ip(s + '-net')}:8000", started)
+            for s in ("erc", "erc-2")
+        ]
+        for c in replicas:
+            c.wait_ready()
+        bare_ready = bare.wait_ready(READY_TIMEOUT_S)
         print(
-            f"\n[container] {containers[0].name} ready {containers[0].ready_after:.0f} s after docker run "
-            "(beside a bare process starting)"
+            f"\n[container] replicas ready {replicas[0].ready_after:.0f} s and {replicas[1].ready_after:.0f} s "
+            f"after compose up; the bare process {bare_ready:.0f} s after its start (three engines at once)"
         )
-        containers.append(Container(docker_env, "erc-test-b", _free_port(), index_root))
-        containers[1].wait_ready()
-        print(f"\n[container] {containers[1].name} ready {containers[1].ready_after:.0f} s after docker run (alone)")
         yield {
             "env": docker_env,
+            "compose": compose,
             "bare": bare,
-            "a": containers[0],
-            "b": containers[1],
+            "a": replicas[0],
+            "b": replicas[1],
+            "nginx": Container(docker_env, compose.container("nginx"), f"http://127.0.0.1:{compose.port}", started),
             "tmp": tmp,
             "payloads": _payloads(data_dir),
         }
     finally:
-        bare.stop()
-        for c in containers:
-            subprocess.run(["docker", "rm", "-f", c.id], env=docker_env, capture_output=True, timeout=120)
+        if bare is not None:
+            bare.stop()
+        subprocess.run([*compose.cmd, "down", "-t", "30"], env=compose.env, capture_output=True, timeout=300)
 
 
 def test_runtime_image_is_slim_and_read_only(docker_env):
@@ -229,6 +266,8 @@ def test_runtime_image_is_slim_and_read_only(docker_env):
         docker_env,
         "run",
         "--rm",
+        "--label",
+        LABEL,
         "--network",
         "host",
         "--read-only",
@@ -245,6 +284,31 @@ def test_runtime_image_is_slim_and_read_only(docker_env):
     assert facts["train_extras"] == [], "training extras leaked into the runtime image"
     assert facts["writable"] == [], "code or weights writable by the service user"
     assert "base" in facts["weights"] and "adapters" in facts["weights"]
+
+
+def test_compose_runs_hardened_limited_replicas_behind_nginx(deployment):
+    """What compose.yaml asks for reaches the containers (compose 1.29 and v2 alike), and the
+    balancer sends work to both replicas."""
+    compose = deployment["compose"]
+    for c in (deployment["a"], deployment["b"]):
+        host = c.inspect()["HostConfig"]
+        assert host["RestartPolicy"]["Name"] == "unless-stopped", host["RestartPolicy"]
+        assert host["Memory"] == 8 * 2**30, host["Memory"]  # mem_limit 8g (ERC_MEM_LIMIT)
+        assert host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"], host
+        assert "no-new-privileges:true" in host["SecurityOpt"], host["SecurityOpt"]
+        assert host["NetworkMode"].startswith("container:"), host["NetworkMode"]
+    assert deployment["a"].base != deployment["b"].base
+    nginx = deployment["nginx"]
+    assert httpx.get(f"{nginx.base}/ready", timeout=5).status_code == 200
+    since = len(nginx.logs(stderr=False).splitlines())  # the access log is nginx's stdout
+    with httpx.Client(base_url=nginx.base, timeout=300) as client:
+        for path, body in [p for p in deployment["payloads"] if p[0] == "/predict"][:4]:
+            assert client.post(path, json=body).status_code == 200
+    lines = [line for line in nginx.logs(stderr=False).splitlines()[since:] if "POST /predict" in line]
+    upstreams = {line.split("upstream=")[1].split()[0] for line in lines}
+    addresses = {c.base.removeprefix("http://") for c in (deployment["a"], deployment["b"])}
+    assert len(lines) == 4 and upstreams == addresses, (lines, addresses)
+    assert compose("ps", "-q").count("\n") + 1 == 5  # two replicas, their two network holders, nginx
 
 
 def _predict_all(base: str, payloads: list[tuple[str, dict]]) -> list[str]:
@@ -265,8 +329,8 @@ def test_container_answers_the_same_labels_as_the_bare_process(deployment):
     payloads = [p for p in deployment["payloads"] if p[0] == "/predict"][:6] + [
         p for p in deployment["payloads"] if p[0] == "/predict_dialogue"
     ][:2]
-    bare = _predict_all(f"http://127.0.0.1:{deployment['bare'].port}", payloads)
-    contained = _predict_all(f"http://127.0.0.1:{deployment['a'].port}", payloads)
+    bare = _predict_all(deployment["bare"].base, payloads)
+    contained = _predict_all(deployment["a"].base, payloads)
     assert len(bare) == len(contained) >= 10
     same = sum(a == b for a, b in zip(bare, contained))
     print(f"\n[container] {same}/{len(bare)} labels equal to the bare process's")
@@ -275,8 +339,6 @@ def test_container_answers_the_same_labels_as_the_bare_process(deployment):
 
 def test_container_runs_unprivileged_under_tini(deployment):
     c = deployment["a"]
-    host = c.inspect()["HostConfig"]
-    assert host["ReadonlyRootfs"] is True and "ALL" in host["CapDrop"]
     script = (
         "for d in /proc/[0-9]*; do "
         "printf '%s %s %s\\n' \"$(cat $d/comm)\" \"$(awk '/^Uid:/{print $2}' $d/status)\" "
@@ -303,17 +365,12 @@ def test_healthcheck_reports_healthy(deployment):
     raise AssertionError(f"HEALTHCHECK status {status!r} 90 s after /ready; last checks: {log}")
 
 
-# Opt-in until it has been seen passing here: written on 2026-11-26 after the bare-process proof
-# in test_deploy.py, its run did not finish before the deadline (the machine was loaded).
-@pytest.mark.skipif(
-    os.environ.get("ERC_CONTAINER_STOP_TEST") != "1", reason="opt-in: ERC_CONTAINER_STOP_TEST=1 (not yet seen passing)"
-)
 def test_docker_stop_under_load_loses_no_request(deployment):
-    survivor, victim = deployment["a"], deployment["b"]
-    tmp = deployment["tmp"] / "lb"
-    tmp.mkdir(exist_ok=True)
-    conf = render_nginx(tmp, [survivor.port, victim.port], listen := _free_port())
-    lb = subprocess.Popen([_tool("nginx"), "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"])
+    """`docker stop` of one replica while 4 clients send 60 requests through compose's nginx: the
+    replica drains (503 for new work, which nginx retries on the other; in-flight work finishes),
+    exits by itself, and stays stopped (unless-stopped); no request fails."""
+    survivor, victim, nginx = deployment["a"], deployment["b"], deployment["nginx"]
+    since = len(nginx.logs(stderr=False).splitlines())
     fired = threading.Event()
     stopper: list[threading.Thread] = []
 
@@ -328,19 +385,14 @@ def test_docker_stop_under_load_loses_no_request(deployment):
             t.start()
             stopper.append(t)
 
-    try:
-        time.sleep(1)
-        stats = run_load(
-            f"http://127.0.0.1:{listen}", deployment["payloads"], total=60, workers=4, on_progress=progress
-        )
-    finally:
-        lb.terminate()
-        lb.wait(timeout=30)
+    stats = run_load(nginx.base, deployment["payloads"], total=60, workers=4, on_progress=progress)
     for t in stopper:
         t.join(timeout=160)
-    retried = _retried(tmp / "access.log", 0)
+    access = deployment["tmp"] / "nginx-access.log"
+    access.write_text(nginx.logs(stderr=False))
+    retried = _retried(access, since)
     print(
-        f"\n[docker stop] sent {stats['sent']}, succeeded {stats['succeeded']}, retried {retried}, "
+        f"\n[docker stop] sent {stats['sent']}, succeeded {stats['succeeded']}, retried by nginx {retried}, "
         f"failed {stats['failed']}"
     )
     assert fired.is_set()
@@ -352,3 +404,25 @@ def test_docker_stop_under_load_loses_no_request(deployment):
     assert "drained in" in logs, logs[-3000:]
     # Stopped by the drain, not by docker's SIGKILL after the timeout (137) or the OOM killer.
     assert state["ExitCode"] in (0, 143) and not state["OOMKilled"], (state, logs[-2000:])
+    time.sleep(3)
+    assert not victim.inspect()["State"]["Running"], "a stopped replica was restarted (unless-stopped)"
+    assert httpx.get(f"{survivor.base}/ready", timeout=5).status_code == 200
+
+
+def test_a_replica_whose_server_dies_is_restarted(deployment):
+    """restart: unless-stopped: the server process killed (not stopped by docker) brings the
+    container back, in the same network namespace."""
+    c = deployment["a"]
+    before = c.inspect()
+    c.exec("sh", "-c", "kill -KILL $(cat /proc/1/task/1/children)")
+    deadline = time.monotonic() + 60
+    state = before["State"]
+    while time.monotonic() < deadline:
+        after = c.inspect()
+        state = after["State"]
+        if after["RestartCount"] > before["RestartCount"] and state["Running"]:
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError(f"not restarted within 60 s: {state}")
+    assert after["HostConfig"]["NetworkMode"] == before["HostConfig"]["NetworkMode"]

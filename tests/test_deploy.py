@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import httpx
 import pytest
 import yaml
 
+from bench.launcher import ServerProcess, free_port
 from service.data import load_split
 from tests.conftest import IN_CI, require
 
@@ -104,12 +104,6 @@ def test_kubernetes_manifests_validate_and_are_hardened():
     assert env["ERC_DRAIN_TIMEOUT_S"] >= env["ERC_REQUEST_TIMEOUT_S"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def render_nginx(tmp: Path, ports: list[int], listen: int) -> Path:
     """deploy/nginx.conf with its upstream servers and port moved to loopback."""
     text = (DEPLOY / "nginx.conf").read_text()
@@ -126,49 +120,19 @@ def render_nginx(tmp: Path, ports: list[int], listen: int) -> Path:
 
 
 def test_nginx_accepts_the_config(tmp_path):
-    conf = render_nginx(tmp_path, [_free_port(), _free_port()], _free_port())
+    conf = render_nginx(tmp_path, [free_port(), free_port()], free_port())
     result = subprocess.run(
         [_tool("nginx"), "-t", "-c", str(conf), "-p", str(tmp_path)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
 
 
-class Replica:
-    """`erc serve` in its own process group (so the engine's children die with it)."""
+# Replicas drain for 1 s (not the production 3 s) and keep a small KV cache: two share 2 cores.
+REPLICA_ENV = {"ERC_DRAIN_GRACE_S": "1", "ERC_KV_CACHE_GIB": "1"}
 
-    def __init__(self, port: int, log: Path) -> None:
-        self.port = port
-        env = {**os.environ, "ERC_DRAIN_GRACE_S": "1", "ERC_KV_CACHE_GIB": "1"}
-        self.log = log.open("w")
-        erc = str(Path(sys.executable).with_name("erc"))
-        self.proc = subprocess.Popen(
-            [erc, "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
-    def wait_ready(self, timeout: float = 400) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"replica on {self.port} exited; see {self.log.name}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise AssertionError(f"replica on {self.port} not ready after {timeout} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(timeout=30)
-        self.log.close()
+def replica(port: int, log: Path) -> ServerProcess:
+    return ServerProcess(port, env=REPLICA_ENV, log=log)
 
 
 def _payloads(data_dir: Path) -> list[tuple[str, dict]]:
@@ -227,13 +191,13 @@ def cluster(data_dir, settings, tmp_path_factory):
     require(settings.index_root / "meld" / "manifest.json", "run `erc index build --dataset meld`")
     nginx = _tool("nginx")
     tmp = tmp_path_factory.mktemp("lb")
-    replicas = [Replica(_free_port(), tmp / f"replica{i}.log") for i in range(2)]
-    listen = _free_port()
+    replicas = [replica(free_port(), tmp / f"replica{i}.log") for i in range(2)]
+    listen = free_port()
     conf = render_nginx(tmp, [r.port for r in replicas], listen)
     lb = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"])
     try:
         for r in replicas:
-            r.wait_ready()
+            r.wait_ready(400)
         yield {
             "base": f"http://127.0.0.1:{listen}",
             "replicas": replicas,
@@ -245,7 +209,7 @@ def cluster(data_dir, settings, tmp_path_factory):
         lb.terminate()
         lb.wait(timeout=30)
         for r in replicas:
-            r.stop()
+            r.stop(signal.SIGKILL, timeout=30)
 
 
 def _report(name: str, stats: dict, retried: int) -> None:
@@ -274,15 +238,15 @@ def test_sigterm_drains_without_losing_a_request(cluster):
     assert stats["succeeded"] == stats["sent"] == 60
     # The drained replica finished its in-flight work and exited by itself.
     assert victim.proc.wait(timeout=90) is not None
-    assert "drained in" in Path(victim.log.name).read_text()
+    assert "drained in" in victim.log_path.read_text()
 
 
 def test_sigkill_loses_at_most_the_in_flight_requests(cluster):
     # Bring the drained replica back, then kill the other one outright.
     first, second = cluster["replicas"]
-    revived = Replica(first.port, cluster["tmp"] / "replica0-revived.log")
+    revived = replica(first.port, cluster["tmp"] / "replica0-revived.log")
     cluster["replicas"][0] = revived
-    revived.wait_ready()
+    revived.wait_ready(400)
     since = len(cluster["access"].read_text().splitlines())
     fired = threading.Event()
     workers = 4
@@ -300,3 +264,67 @@ def test_sigkill_loses_at_most_the_in_flight_requests(cluster):
     # nginx retries the rest, and everything sent afterwards goes to the survivor.
     assert stats["failed"] <= workers, stats["errors"]
     assert stats["succeeded"] + stats["failed"] == stats["sent"] == 60
+
+
+def test_nginx_retries_only_refusals():
+    """503 (refused before any work) and connection errors; never `timeout` or a 5xx that means
+    work had started, which would replay a request that hangs or kills an engine."""
+    conditions = re.findall(r"^\s*proxy_next_upstream ([^;]+);$", (DEPLOY / "nginx.conf").read_text(), re.M)
+    assert len(conditions) == 1
+    assert set(conditions[0].split()) == {"error", "http_503", "non_idempotent"}
+
+
+def _engine_cores_of(server: ServerProcess) -> list:
+    import psutil
+
+    children = psutil.Process(server.proc.pid).children(recursive=True)
+    cores = [p for p in children if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+    assert cores, f"no engine core process under the replica on port {server.port}"
+    return cores
+
+
+def _inflight(server: ServerProcess) -> float:
+    text = httpx.get(f"{server.base}/metrics", timeout=5).text
+    found = re.search(r"^erc_inflight_requests (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_request_that_kills_its_engine_is_not_replayed(cluster, data_dir):
+    """The engine dies under a request: the replica answers 500 engine_failed and nginx does not
+    send the request on to the other replica (the access log names one upstream)."""
+    replicas = cluster["replicas"]
+    for i, r in enumerate(replicas):  # the SIGKILL test leaves a replica dead
+        if r.proc.poll() is not None:
+            replicas[i] = replica(r.port, cluster["tmp"] / f"replica{i}-for-engine-kill.log")
+    for r in replicas:
+        r.wait_ready(400)
+    since = len(cluster["access"].read_text().splitlines())
+    # Long enough (a few hundred utterances, unseen by the prefix cache) to be caught in flight.
+    dialogues = [
+        {"id": f"kill-{d.id}", "turns": [{"speaker": t.speaker, "text": t.text} for t in d.turns][:12]}
+        for d in load_split(data_dir, "meld", "test", "csv")[40:70]
+    ]
+    result: dict = {}
+    sender = threading.Thread(
+        target=lambda: result.update(
+            response=httpx.post(f"{cluster['base']}/predict_dialogue", json={"dialogues": dialogues}, timeout=300)
+        )
+    )
+    sender.start()
+    victim = None
+    deadline = time.monotonic() + 60
+    while victim is None and sender.is_alive() and time.monotonic() < deadline:
+        victim = next((r for r in replicas if _inflight(r) > 0), None)
+        time.sleep(0.05)
+    assert victim is not None, "the batch was never seen in flight"
+    for proc in _engine_cores_of(victim):
+        proc.kill()
+    sender.join(timeout=300)
+    response = result["response"]
+    assert response.status_code == 500, response.text
+    assert response.json()["detail"][0]["type"] == "engine_failed"
+    lines = [line for line in cluster["access"].read_text().splitlines()[since:] if "/predict_dialogue" in line]
+    assert len(lines) == 1 and ", " not in lines[0].split("upstream=")[1], lines
+    survivor = next(r for r in replicas if r is not victim)
+    assert httpx.get(f"{survivor.base}/health", timeout=5).status_code == 200
+    assert httpx.get(f"{victim.base}/health", timeout=5).status_code == 503
