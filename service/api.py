@@ -27,13 +27,19 @@ async def load_service(settings: Settings, state: ServiceState) -> None:
 
     model_dir = settings.model_dir or default_model_dir(settings.weights_root)
     engine = Engine(settings, model_dir)
-    predictor = await asyncio.to_thread(assemble, settings, model_dir, engine)
+    # The encoder and the indexes load in a thread while the engine core starts in its own
+    # processes: each takes seconds, and on two cores they overlap (cold start, issue 13).
+    assembling = asyncio.create_task(asyncio.to_thread(assemble, settings, model_dir, engine))
+    state.engine = engine
+    try:
+        await engine.start()
+    finally:
+        predictor = await assembling
     for name, why in predictor.unavailable.items():
         log.warning("label set %s not served: %s", name, why)
     if not predictor.served:
+        await engine.shutdown()
         raise RuntimeError(f"no label set of {model_dir} can be served; the warnings above say why")
-    state.engine = engine
-    await engine.start()
     await predictor.warm_up()
     state.predictor = predictor
     log.info(
