@@ -6,7 +6,9 @@ checked by :func:`service.predictor.check_limits`, which reports them in the sam
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.labels import LABEL_SETS
 
@@ -15,6 +17,9 @@ from service.labels import LABEL_SETS
 #: (so 20,000 wrong turns are one error, not 20,000). The ERC_MAX_* settings may only lower them.
 TURNS_CEILING = 1000
 DIALOGUES_CEILING = 256
+#: Turns in one /predict_dialogue, counted before any turn is validated: 256 dialogues of 1,000
+#: wrong turns would otherwise build 512,000 errors (seconds of CPU) to report 10 of them.
+BATCH_TURNS_CEILING = 20_000
 
 #: Validation errors reported per response; the rest are counted (a body of many wrong items
 #: would otherwise get an answer tens of times its own size).
@@ -90,6 +95,20 @@ class PredictDialogueRequest(_Strict):
     )
 
     _label_set = field_validator("label_set")(_check_label_set)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _total_turns_under_ceiling(cls, data: Any) -> Any:
+        # Runs on the raw JSON, before a single turn is validated; a malformed shape falls
+        # through to the field validation, which reports it.
+        dialogues = data.get("dialogues") if isinstance(data, dict) else None
+        if isinstance(dialogues, list) and len(dialogues) <= DIALOGUES_CEILING:
+            total = sum(len(d["turns"]) for d in dialogues if isinstance(d, dict) and isinstance(d.get("turns"), list))
+            if total > BATCH_TURNS_CEILING:
+                raise ValueError(
+                    f"dialogues hold {total} turns in all, over the ceiling of {BATCH_TURNS_CEILING} per request"
+                )
+        return data
 
 
 class Prediction(BaseModel):

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.schemas import DIALOGUES_CEILING, TURNS_CEILING
+from service.schemas import BATCH_TURNS_CEILING, DIALOGUES_CEILING, TURNS_CEILING
 
 #: The repository root when running from a checkout; built artefacts default to folders under it.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -79,9 +79,7 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(default=2000, ge=1, description="Characters per utterance.")
     max_speaker_chars: int = Field(default=100, ge=1, description="Characters per speaker name.")
     max_dialogues: int = Field(default=64, ge=1, le=DIALOGUES_CEILING, description="Dialogues per /predict_dialogue.")
-    max_batch_turns: int = Field(
-        default=2000, ge=1, le=TURNS_CEILING * DIALOGUES_CEILING, description="Turns per /predict_dialogue."
-    )
+    max_batch_turns: int = Field(default=2000, ge=1, le=BATCH_TURNS_CEILING, description="Turns per /predict_dialogue.")
 
     # --- hardening ------------------------------------------------------------------------------
     max_inflight: int = Field(

@@ -138,6 +138,13 @@ def test_validation_errors_are_capped():
             "msg": "39990 more errors not shown (40000 in all)",
             "type": "too_many_errors",
         }
+        # 150 dialogues of 1,000 wrong turns (4 MB, under the body limit): counted before any
+        # turn is validated, one error instead of 300,000 built to report 10.
+        dialogues = [{"turns": [{"speaker": 1, "text": 2}] * 1000}] * 150
+        response = client.post("/predict_dialogue", json={"dialogues": dialogues})
+        [error] = response.json()["detail"]
+        assert response.status_code == 422 and len(response.content) < 1000
+        assert "150000 turns in all, over the ceiling of 20000" in error["msg"], error
 
 
 def test_body_limits():
