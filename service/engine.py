@@ -174,8 +174,13 @@ class Engine:
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        self._llm = AsyncLLM.from_engine_args(self._engine_args(), stat_loggers=[_stat_logger_class()])
+        self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(self.model_dir))
+        # In a thread: vLLM waits for its engine core's handshake synchronously (tens of seconds),
+        # and /health must keep answering meanwhile. Its output handler starts with the first
+        # request, on this loop.
+        self._llm = await asyncio.to_thread(
+            AsyncLLM.from_engine_args, self._engine_args(), stat_loggers=[_stat_logger_class()]
+        )
         metrics.ENGINE_ALIVE.set(1)
 
     async def shutdown(self) -> None:

@@ -33,8 +33,12 @@ def live(settings):
             statuses.append(status)
             if status == 200:
                 break
+            asked = time.monotonic()
             health = client.get("/health")
             assert health.status_code == 200, health.text
+            # Liveness while loading: vLLM's engine start (tens of seconds, waiting on its core
+            # process) must not hold the event loop, or an orchestrator's probe times out.
+            assert time.monotonic() - asked < 10, "/health waited for the engine start"
             time.sleep(0.5)
         client.ready_statuses = statuses
         yield client
