@@ -432,7 +432,9 @@ def bench(
     command = "erc bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "erc bench"
     write_report(result, out, out.with_suffix(".png"), command)
     typer.echo(
-        f"ratio {result['ratio_service_over_baseline']:.2f}x, FLOP fraction {100 * result['flop_fraction']:.1f}%, "
+        f"ratio {result['ratio_over_baseline']['bfloat16']:.2f}x (bfloat16 baseline), "
+        f"{result['ratio_over_baseline']['float32']:.2f}x (float32), "
+        f"FLOP fraction {100 * result['flop_fraction']:.1f}%, "
         f"computed/unavoidable {result['computed_over_unavoidable']:.2f}: {out}"
     )
 

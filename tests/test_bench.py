@@ -20,14 +20,17 @@ def test_harness_smoke(settings, data_dir, tmp_path):
         port = s.getsockname()[1]
     result = run(settings, model, dialogues=2, requests=4, levels=[1, 2], baseline_limit=4, port=port)
     assert result["utterances"] > 0 and result["predict_dialogue"]["utterances_per_s"] > 0
-    assert result["baseline"]["utterances"] == 4 and result["ratio_service_over_baseline"] > 0
+    assert {b["dtype"]: b["utterances"] for b in result["baselines"].values()} == {"float32": 4, "bfloat16": 4}
+    assert all(result["ratio_over_baseline"][d] > 0 for d in ("float32", "bfloat16"))
+    assert result["predict_dialogue_eager"]["utterances_per_s"] > 0
     assert result["computed_tokens_per_utterance"] > 0 and result["unavoidable_tokens_per_utterance"] > 0
-    assert 0 < result["flop_fraction"] and result["cold_start_s"] > 0 and result["peak_rss_mb"] > 100
+    assert 0 < result["flop_fraction"] and min(result["cold_start_s"].values()) > 0 and result["peak_rss_mb"] > 100
     assert [x["concurrency"] for x in result["latency"]] == [1, 2]
     md = tmp_path / "bench.md"
     write_report(result, md, tmp_path / "bench.png", "erc bench --dialogues 2")
     text = md.read_text()
-    assert "ratio service / baseline" in text and "erc bench --dialogues 2" in text
+    assert "ratio service / float32 baseline" in text and "erc bench --dialogues 2" in text
+    assert "empty compile cache" in text and "eager engine" in text
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
