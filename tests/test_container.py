@@ -160,7 +160,9 @@ class Container:
         deadline = self.started + timeout
         checked = time.monotonic()
         while time.monotonic() < deadline:
-            if not self.inspect()["State"]["Running"]:
+            facts = self.inspect()
+            # A container that exits is restarted by its policy: count that as exiting too.
+            if not facts["State"]["Running"] or facts["State"]["Restarting"] or facts["RestartCount"]:
                 raise AssertionError(f"container {self.name} exited before /ready:\n{self.diagnosis()}")
             try:
                 if httpx.get(f"{self.base}/ready", timeout=2).status_code == 200:
@@ -209,9 +211,12 @@ class Compose:
 
 @pytest.fixture(scope="module")
 def deployment(docker_env, settings, data_dir, tmp_path_factory):
-    index_root = require(
-        settings.index_root / "meld" / "manifest.json", "run `erc index build --dataset meld`"
-    ).parent.parent.resolve()
+    # Resolved first: a symlinked index folder would dangle inside the container.
+    index_root = (
+        require(settings.index_root / "meld" / "manifest.json", "run `erc index build --dataset meld`")
+        .resolve()
+        .parent.parent
+    )
     require(settings.weights_root / "base" / "erc.json", "run `erc weights build`")
     tmp = tmp_path_factory.mktemp("container")
     compose = Compose(docker_env, index_root)
