@@ -75,9 +75,9 @@ WORKDIR /app
 USER 10001
 EXPOSE 8000
 # The port the server listens on (ERC_PORT, as in `docker run --network host -e ERC_PORT=8001`).
-# start-period 600 s: a cold start compiles the model, 2-10 minutes on a busy 2-core machine, and
-# /health does not answer while the engine starts (failed checks in that window do not count;
-# the Kubernetes startup probe allows 10 minutes too).
+# start-period 600 s: a cold start (imports, then the model compiled) takes 2-10 minutes on a busy
+# 2-core machine; failed checks in that window do not count (the Kubernetes startup probe allows
+# 10 minutes too).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=600s --retries=3 \
     CMD ["sh", "-c", "curl -fsS -o /dev/null http://127.0.0.1:${ERC_PORT:-8000}/health"]
 STOPSIGNAL SIGTERM
