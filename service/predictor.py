@@ -6,7 +6,6 @@ directly, so every path renders and decodes exactly the same way.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Protocol
 from service import calibration, metrics
 from service.data import Dialogue, Turn
 from service.labels import DATASET_LABEL_SET, LABEL_SETS
-from service.retrieval import Demonstration, DemonstrationIndex
+from service.retrieval import Demonstration, DemonstrationIndex, Retriever, parse_cpus
 from service.schemas import (
     DemonstrationOut,
     DialogueIn,
@@ -128,6 +127,20 @@ class Predictor:
         self.spec = spec
         self.engine = engine
         self.indexes = dict(indexes)
+        # One encoder serves every index (open_indexes); its calls are batched across requests.
+        encoders = {id(index.encoder): index.encoder for index in self.indexes.values()}
+        if len(encoders) > 1:
+            raise ValueError("the demonstration indexes were loaded with different encoders")
+        self.retriever = (
+            Retriever(
+                next(iter(encoders.values())),
+                max_items=settings.encoder_max_batch,
+                cpus=parse_cpus(settings.encoder_cpus) if settings.encoder_cpus else None,
+                threads=settings.encoder_threads,
+            )
+            if encoders
+            else None
+        )
         self.unavailable = {name: why for name in LABEL_SETS if (why := self._why_unservable(name))}
 
     def _why_unservable(self, name: str) -> str | None:
@@ -171,7 +184,9 @@ class Predictor:
             )
         return name
 
-    async def _retrieve(self, items: Sequence[Item], label_set: str, exclude_own: bool) -> list[list[Demonstration]]:
+    async def _retrieve(
+        self, items: Sequence[Item], label_set: str, exclude_own: bool, priority: int
+    ) -> list[list[Demonstration]]:
         demos = self.spec.label_sets[label_set].demonstrations
         if demos.k == 0:
             return [[] for _ in items]
@@ -179,8 +194,8 @@ class Predictor:
         texts = [item.dialogue.turns[item.target].text for item in items]
         own = [item.dialogue.id for item in items] if exclude_own else None
         start = time.perf_counter()
-        # Embedding is CPU-bound: keep it off the event loop.
-        found = await asyncio.to_thread(index.search, texts, demos.k, own)
+        # Embedding is CPU-bound: off the event loop, one encoder call for concurrent requests.
+        found = await self.retriever.search(index, texts, demos.k, own, priority)
         metrics.RETRIEVAL_LATENCY.observe(time.perf_counter() - start)
         return found
 
@@ -192,7 +207,7 @@ class Predictor:
         label_set = self._label_set(label_set)
         entry = self.spec.label_sets[label_set]
         labels = LABEL_SETS[label_set]
-        demonstrations = await self._retrieve(items, label_set, exclude_own)
+        demonstrations = await self._retrieve(items, label_set, exclude_own, priority)
         prompts = [
             erc_prompt(item.dialogue, item.target, labels, entry.window, [Shown(d.text, d.label) for d in demos])
             for item, demos in zip(items, demonstrations)

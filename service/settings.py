@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +37,31 @@ class Settings(BaseSettings):
         default="auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="Where the retrieval encoder runs: auto (the GPU when torch sees one), cpu, cuda[:N].",
+    )
+    encoder_backend: Literal["torch", "onnx", "openvino"] = Field(
+        default="onnx",
+        description="Encoder runtime on the CPU: torch (sentence-transformers), or the fp32 export of the same "
+        "weights that `erc weights build` writes to weights/encoder-<backend>/, run by ONNX Runtime (onnx: "
+        "~2x faster than torch for one utterance on this CPU) or OpenVINO. A missing export or runtime falls "
+        "back to torch with a warning. Indexes are always built with torch.",
+    )
+    encoder_threads: int = Field(
+        default=1,
+        ge=0,
+        description="Intra-op threads of the encoder (and FAISS) in the serving process: 1 leaves the other "
+        "cores to the engine; 0: the runtime's default (every core). Index builds use every core.",
+    )
+    encoder_max_batch: int = Field(
+        default=64,
+        ge=1,
+        description="Utterances per encoder call: concurrent requests' utterances are embedded together, up to "
+        "this many; a larger /predict_dialogue is cut into chunks so /predict calls are not queued behind it.",
+    )
+    encoder_cpus: str | None = Field(
+        default=None,
+        pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$",
+        description="Pin the encoder's thread to these CPUs (Linux list, e.g. 1 or 2-3): the ones the engine "
+        "does not use (vLLM's CPU worker logs its `core ids`). Default: not pinned.",
     )
     demonstrations_k: int = Field(default=3, ge=0, le=32)
 

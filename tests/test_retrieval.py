@@ -81,8 +81,10 @@ def test_encoder_device_follows_the_settings(settings):
 
     from service.retrieval import Encoder
 
-    auto = Encoder.from_settings(settings.model_copy(update={"encoder_device": "auto"}))
+    torch_cpu = {"encoder_backend": "torch", "encoder_threads": 0}
+    auto = Encoder.from_settings(settings.model_copy(update={"encoder_device": "auto", **torch_cpu}))
     assert auto.model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert Encoder.from_settings(settings.model_copy(update={"encoder_device": "cpu"})).model.device.type == "cpu"
+    cpu = Encoder.from_settings(settings.model_copy(update={"encoder_device": "cpu", **torch_cpu}))
+    assert cpu.model.device.type == "cpu"
     with pytest.raises(ValueError, match="encoder_device"):
         type(settings)(encoder_device="tpu")

@@ -102,7 +102,9 @@ def load_corpus(config: TrainConfig, settings: Settings, limit: int | None = Non
     if k:
         from service.retrieval import DemonstrationIndex, Encoder
 
-        index = DemonstrationIndex(settings.index_root / config.demonstrations.index, Encoder.from_settings(settings))
+        # A bulk job: the encoder on every core (ERC_ENCODER_THREADS is the serving process's share).
+        encoder = Encoder.from_settings(settings, threads=0)
+        index = DemonstrationIndex(settings.index_root / config.demonstrations.index, encoder)
     own = index is not None and index.manifest["split"] == "train"
     corpus = Corpus(
         train,
