@@ -48,3 +48,13 @@ def meld_index(settings: Settings, encoder):
 
     folder = require(settings.index_root / "meld", "run `erc index build --dataset meld`")
     return DemonstrationIndex(folder, encoder)
+
+
+def engine_cores(pid: int | None = None) -> list:
+    """The vLLM engine core processes under ``pid`` (default: this process)."""
+    import psutil
+
+    children = psutil.Process(pid).children(recursive=True)
+    cores = [p for p in children if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+    assert cores, f"no engine core process under pid {pid or os.getpid()}"
+    return cores

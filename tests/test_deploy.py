@@ -21,7 +21,7 @@ import yaml
 
 from bench.launcher import ServerProcess, free_port
 from service.data import load_split
-from tests.conftest import IN_CI, require
+from tests.conftest import IN_CI, engine_cores, require
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -274,15 +274,6 @@ def test_nginx_retries_only_refusals():
     assert set(conditions[0].split()) == {"error", "http_503", "non_idempotent"}
 
 
-def _engine_cores_of(server: ServerProcess) -> list:
-    import psutil
-
-    children = psutil.Process(server.proc.pid).children(recursive=True)
-    cores = [p for p in children if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
-    assert cores, f"no engine core process under the replica on port {server.port}"
-    return cores
-
-
 def _in_engine(server: ServerProcess) -> float:
     """Prompt tokens admitted to the engine: the request has got past encoding and retrieval.
     (Killed before that, the request never reached the engine: 503, and a retry is right.)"""
@@ -319,7 +310,7 @@ def test_a_request_that_kills_its_engine_is_not_replayed(cluster, data_dir):
         victim = next((r for r in replicas if _in_engine(r) > 0), None)
         time.sleep(0.05)
     assert victim is not None, "the batch was never seen in the engine"
-    for proc in _engine_cores_of(victim):
+    for proc in engine_cores(victim.proc.pid):
         proc.kill()
     sender.join(timeout=300)
     response = result["response"]

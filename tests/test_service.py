@@ -16,7 +16,7 @@ from service.api import create_app
 from service.data import Dialogue, Turn, load_split
 from service.labels import LABEL_SETS
 from service.templates import Shown, erc_prompt
-from tests.conftest import require
+from tests.conftest import engine_cores, require
 
 MELD = LABEL_SETS["meld"]
 
@@ -389,18 +389,6 @@ def test_single_predictions_are_not_starved_by_a_batch(live, data_dir):
     assert finished_singles < done["t"], "the single predictions waited for the whole batch"
 
 
-def _engine_cores():
-    import psutil
-
-    cores = [
-        p
-        for p in psutil.Process().children(recursive=True)
-        if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())
-    ]
-    assert cores, "no engine core process found"
-    return cores
-
-
 def test_a_hung_engine_turns_health_503_and_recovers(live):
     """The watchdog: with work pending and no engine step for ERC_ENGINE_STALL_S (here 2 s),
     /health answers 503 so the orchestrator restarts the pod; a core that resumes is healthy."""
@@ -409,7 +397,7 @@ def test_a_hung_engine_turns_health_503_and_recovers(live):
     settings = live.app.state.service.engine.settings
     before = settings.engine_stall_s
     settings.engine_stall_s = 2.0
-    cores = _engine_cores()
+    cores = engine_cores()
     result: dict = {}
     body = {"dialogue": {"turns": [{"speaker": "a", "text": "are you there?"}]}}
     for proc in cores:
@@ -437,7 +425,7 @@ def test_a_hung_engine_turns_health_503_and_recovers(live):
 def test_engine_death_turns_health_503_and_requests_fail_fast(live):
     """Defined last in this module, and pytest runs a module in definition order: it kills the
     session's engine."""
-    for proc in _engine_cores():
+    for proc in engine_cores():
         proc.kill()
     deadline = time.monotonic() + 30
     while live.get("/health").status_code != 503 and time.monotonic() < deadline:
