@@ -30,13 +30,27 @@ RUN if ls /tmp/build-extra/*.crt >/dev/null 2>&1; then \
     fi \
     && python3 -m venv /opt/venv
 COPY deploy/requirements-cpu.lock /tmp/requirements-cpu.lock
-RUN pip install --no-deps --require-hashes --find-links /tmp/build-extra \
-        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements-cpu.lock
+# uv installs the lock (hashes required, no resolution) in parallel: pip took 152 s for this step
+# here. unsafe-best-match: torch's +cpu build comes from the find-links folder or the PyTorch
+# index while PyPI has a plain torch 2.13.0 (the same flag deploy/lock.sh resolves with). uv is a
+# build tool of this stage only; the venv gets no uv. --compile-bytecode: the runtime cannot
+# write .pyc files (read-only root), and three processes import torch and vLLM at every start.
+# chmod in the same RUN as the install: in a later RUN it would copy every file of the venv into
+# a new 2.9 GB layer (overlayfs copies a file up on any metadata change; measured: 70 s).
+RUN pip install uv==0.13.9 \
+    && if [ -f /tmp/build-ca.pem ]; then export SSL_CERT_FILE=/tmp/build-ca.pem; fi \
+    && uv pip install --python /opt/venv/bin/python --no-cache --no-deps --require-hashes --compile-bytecode \
+        --index-strategy unsafe-best-match --find-links /tmp/build-extra \
+        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements-cpu.lock \
+    && pip uninstall -y uv && chmod -R a+rX,go-w /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY training ./training
-RUN pip install --no-deps . && python -c "import vllm, service.api" && chmod -R a+rX,go-w /opt/venv
+# The project's files come with the build's umask (022); the find only checks that nothing in the
+# venv is writable by the service user or unreadable to it.
+RUN pip install --no-deps . && python -c "import vllm, service.api" \
+    && test -z "$(find /opt/venv ! -type l \( -perm /go+w -o ! -perm -o+r \) -print -quit)"
 
 # ---------------------------------------------------------------------------------------------
 # Weights: the training extras (GGUF conversion, LoRA merge) live only in this stage.
@@ -57,29 +71,34 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp \
     PATH=/opt/venv/bin:$PATH VLLM_CPU_KVCACHE_SPACE=2 ERC_KV_CACHE_GIB=2
 # curl: the HEALTHCHECK; libgomp1, libnuma1: OpenMP and NUMA runtimes of vLLM's CPU kernels;
 # tini: PID 1, forwards SIGTERM to the server and reaps vLLM's engine processes; g++ and the
-# Python headers: a runtime need, not build tools: the engine compiles the model at every start
-# (torch.compile, whose inductor backend emits C++ including Python.h on CPU; without them the
-# engine dies. ERC_ENFORCE_EAGER=true runs without them, at about 0.6x the throughput).
+# Python headers: a runtime need, not build tools: the engine compiles the model on this host at
+# its first start (torch.compile, whose inductor backend emits C++ including Python.h on CPU;
+# without them the engine dies) and reloads it from the compile cache afterwards.
+# ERC_ENFORCE_EAGER=true runs without them, at about 0.6x the throughput.
+# /cache: the compile cache, where a volume is mounted (deploy/entrypoint.sh, compose.yaml);
+# owned by the service user so that a fresh named volume is writable by it.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends curl g++ libgomp1 libnuma1 libpython3.11-dev tini \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin erc \
-    && mkdir -p /app/index /data
+    && mkdir -p /app/index /data /cache && chown 10001:10001 /cache
 COPY --from=cpu-build /opt/venv /opt/venv
 COPY --from=cpu-weights /src/weights /app/weights
 COPY deploy/entrypoint.sh /usr/local/bin/erc-entrypoint
 WORKDIR /app
 # Everything above is root's: code and weights are read-only for the service user. It writes
-# only to /tmp (HOME: vLLM and torch caches), so the root file system can be read-only.
+# only to /tmp (HOME) and a /cache volume, so the root file system can be read-only.
 USER 10001
 EXPOSE 8000
 # The port the server listens on (ERC_PORT, as in `docker run --network host -e ERC_PORT=8001`).
-# start-period 600 s: a cold start (imports, then the model compiled) takes 2-10 minutes on a busy
-# 2-core machine; failed checks in that window do not count (the Kubernetes startup probe allows
-# 10 minutes too).
+# The check asks /ready, not /health: Docker has one health state, and what reads it (compose's
+# depends_on, a swarm's routing) needs "serves requests", which a container still compiling its
+# model or draining does not. start-period 600 s: a first start (imports, then the model
+# compiled) takes 2-10 minutes on a busy 2-core machine; failed checks in that window do not
+# count (the Kubernetes startup probe allows 10 minutes too).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=600s --retries=3 \
-    CMD ["sh", "-c", "curl -fsS -o /dev/null http://127.0.0.1:${ERC_PORT:-8000}/health"]
+    CMD ["sh", "-c", "curl -fsS -o /dev/null http://127.0.0.1:${ERC_PORT:-8000}/ready"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tini", "--", "erc-entrypoint"]
 
@@ -97,12 +116,13 @@ RUN apt-get update \
 # deploy/requirements-gpu.lock: the `gpu` extra resolved for this python (3.12) with hashes
 # (deploy/lock.sh gpu; the suite checks it is in sync with pyproject.toml and resolvable).
 COPY deploy/requirements-gpu.lock /tmp/requirements-gpu.lock
-RUN pip install --no-deps --require-hashes -r /tmp/requirements-gpu.lock
+RUN pip install --no-deps --require-hashes -r /tmp/requirements-gpu.lock && chmod -R a+rX,go-w /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY training ./training
-RUN pip install --no-deps . && chmod -R a+rX,go-w /opt/venv
+RUN pip install --no-deps . \
+    && test -z "$(find /opt/venv ! -type l \( -perm /go+w -o ! -perm -o+r \) -print -quit)"
 
 FROM ${CUDA_IMAGE} AS gpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp \
@@ -113,7 +133,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 curl tini \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin erc \
-    && mkdir -p /app/index /data
+    && mkdir -p /app/index /data /cache && chown 10001:10001 /cache
 COPY --from=gpu-build /opt/venv /opt/venv
 COPY --from=cpu-weights /src/weights /app/weights
 COPY deploy/entrypoint.sh /usr/local/bin/erc-entrypoint
@@ -121,6 +141,6 @@ WORKDIR /app
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
-    CMD ["sh", "-c", "curl -fsS -o /dev/null http://127.0.0.1:${ERC_PORT:-8000}/health"]
+    CMD ["sh", "-c", "curl -fsS -o /dev/null http://127.0.0.1:${ERC_PORT:-8000}/ready"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tini", "--", "erc-entrypoint"]

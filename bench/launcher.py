@@ -4,6 +4,7 @@ the tests (the deployment, container and drain tests run the same launcher)."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,10 +18,24 @@ import httpx
 
 
 def free_port() -> int:
-    """A TCP port free on loopback now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free now on every interface, below the kernel's ephemeral range: a port the OS
+    handed out (bind to 0) could be handed out again before the caller binds it, to any process
+    that binds to 0 meanwhile, vLLM's engine among them (seen: docker-proxy's bind of compose's
+    published port failed that way after the minutes `up` waits for a healthy replica)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port found in 10000-{low - 1}")
 
 
 class ServerProcess:

@@ -131,7 +131,7 @@ def export(source_folder: Path, out_dir: Path, backend: str, identity: dict[str,
                 import onnx  # noqa: F401  (torch.onnx.export needs it)
             except ImportError:
                 raise EncoderBackendError(
-                    "exporting to ONNX needs the onnx package: pip install -e '.[onnx]'"
+                    "exporting to ONNX needs the onnx package: pip install -e '.[train]'"
                 ) from None
             axes = {name: {0: "batch", 1: "sequence"} for name in _INPUTS}
             torch.onnx.export(

@@ -16,6 +16,13 @@ from service.settings import Settings
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The container module last: its bare process then reloads the compile cache the rest of
+    the suite wrote, and the image build and the replicas' compile do not share the two cores
+    with the live tests' deadlines."""
+    items.sort(key=lambda item: item.path.name == "test_container.py")
+
+
 def require(path: Path, how: str) -> Path:
     if not path.exists():
         message = f"{path} is missing ({how})"

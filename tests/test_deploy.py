@@ -46,7 +46,10 @@ def test_dockerfile_is_lint_clean():
     assert (
         "AS cpu" in text and "AS gpu" in text and text.rfind("AS gpu") > text.rfind("AS cpu")
     )  # gpu is the default (last) target
-    assert re.search(r"^USER 10001$", text, re.M) and "HEALTHCHECK" in text and "/health" in text
+    assert re.search(r"^USER 10001$", text, re.M)
+    # Docker's one health state is readiness (compose's rolling start waits on it).
+    checks = re.findall(r"^HEALTHCHECK .*\n\s+CMD (.*)$", text, re.M)
+    assert len(checks) == 2 and all("/ready" in c for c in checks), checks
 
 
 def test_kubernetes_manifests_parse_and_carry_the_probes():

@@ -67,6 +67,21 @@ def test_gpu_lock_resolves_and_is_in_sync(tmp_path):
     assert len(blocks) == len(pins) and all("--hash=sha256:" in b for b in blocks)
 
 
+def test_cpu_lock_covers_the_cpu_and_onnx_extras():
+    """The CPU image serves with the default encoder backend (ONNX Runtime): its lock pins the
+    `cpu` and `onnx` extras exactly as pyproject.toml does, every pin with hashes, and nothing of
+    the training extras (they stay in the weights stage)."""
+    lock = (DEPLOY / "requirements-cpu.lock").read_text()
+    pins = {n.lower(): v for n, v in _pins(lock).items()}
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for spec in extras["cpu"] + extras["onnx"]:
+        name, version = spec.split("==")
+        assert pins.get(name.lower()) == version, (spec, pins.get(name.lower()))
+    assert not {"peft", "gguf", "onnx", "matplotlib"} & set(pins), "a training extra in the runtime lock"
+    blocks = re.split(r"\n(?=[A-Za-z0-9])", lock.split("\n", 3)[3])
+    assert len(blocks) == len(pins) and all("--hash=sha256:" in b for b in blocks)
+
+
 def test_each_image_stage_installs_its_lock_with_hashes():
     text = (ROOT / "Dockerfile").read_text()
     stages = dict(re.findall(r"^FROM \S+ AS (\S+)\n(.*?)(?=^FROM |\Z)", text, re.M | re.S))
