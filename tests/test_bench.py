@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-
+from bench.launcher import free_port
 from bench.run import run, unavoidable_tokens, write_report
 from tests.conftest import require
 
@@ -15,13 +14,14 @@ def test_unavoidable_tokens_counts_what_no_earlier_prompt_shares():
 def test_harness_smoke(settings, data_dir, tmp_path):
     model = require(settings.weights_root / "base", "run `erc weights build`")
     require(settings.index_root / "meld" / "manifest.json", "run `erc index build --dataset meld`")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    result = run(settings, model, dialogues=2, requests=4, levels=[1, 2], baseline_limit=4, port=port)
+    result = run(settings, model, dialogues=2, requests=4, levels=[1, 2], baseline_limit=4, port=free_port())
     assert result["utterances"] > 0 and result["predict_dialogue"]["utterances_per_s"] > 0
     assert {b["dtype"]: b["utterances"] for b in result["baselines"].values()} == {"float32": 4, "bfloat16": 4}
     assert all(result["ratio_over_baseline"][d] > 0 for d in ("float32", "bfloat16"))
+    probes = result["matmul_probes_flops"]
+    assert set(probes) == {"service_before", "service_after", "baselines_before", "baselines_after"}
+    assert min(probes.values()) > 0 and result["probe_spread"] >= 1
+    assert all(result["ratio_adjusted_for_probe"][d] > 0 for d in ("float32", "bfloat16"))
     assert result["predict_dialogue_eager"]["utterances_per_s"] > 0
     assert result["computed_tokens_per_utterance"] > 0 and result["unavoidable_tokens_per_utterance"] > 0
     assert 0 < result["flop_fraction"] and min(result["cold_start_s"].values()) > 0 and result["peak_rss_mb"] > 100
@@ -31,6 +31,7 @@ def test_harness_smoke(settings, data_dir, tmp_path):
     text = md.read_text()
     assert "ratio service / float32 baseline" in text and "erc bench --dialogues 2" in text
     assert "empty compile cache" in text and "eager engine" in text
+    assert "adjusted for the machine's speed" in text and "The probe moved" in text
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
