@@ -278,7 +278,8 @@ def test_runtime_image_is_slim_and_read_only(docker_env):
     probe = (
         "import importlib.util, json, os;"
         "print(json.dumps({'uid': os.getuid(),"
-        " 'train_extras': [m for m in ('peft', 'gguf', 'matplotlib') if importlib.util.find_spec(m)],"
+        " 'train_extras': [m for m in ('peft', 'gguf', 'matplotlib', 'onnx') if importlib.util.find_spec(m)],"
+        " 'encoder_runtime': bool(importlib.util.find_spec('onnxruntime')),"
         " 'writable': [p for p in ('/app', '/app/weights', '/opt/venv', '/usr/local/bin') if os.access(p, os.W_OK)],"
         " 'weights': sorted(os.listdir('/app/weights'))}))"
     )
@@ -302,6 +303,8 @@ def test_runtime_image_is_slim_and_read_only(docker_env):
     facts = json.loads(out.splitlines()[-1])
     assert facts["uid"] == 10001
     assert facts["train_extras"] == [], "training extras leaked into the runtime image"
+    assert facts["encoder_runtime"], "the default encoder backend's runtime (onnxruntime) is missing"
+    assert "encoder-onnx" in facts["weights"], facts["weights"]
     assert facts["writable"] == [], "code or weights writable by the service user"
     assert "base" in facts["weights"] and "adapters" in facts["weights"]
 
