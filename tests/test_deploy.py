@@ -260,6 +260,9 @@ def test_sigkill_loses_at_most_the_in_flight_requests(cluster):
             os.killpg(second.proc.pid, signal.SIGKILL)
 
     stats = run_load(cluster["base"], cluster["payloads"], total=60, workers=workers, on_progress=progress)
+    # Reap the killed server, so the next test sees it dead (poll()), not still exiting: a process
+    # of a few GB can take seconds to go, and the next test then took it for a live replica.
+    second.proc.wait(timeout=60)
     retried = _retried(cluster["access"], since)
     _report("SIGKILL", stats, retried)
     assert fired.is_set()
