@@ -260,7 +260,9 @@ def run(
     from transformers import AutoTokenizer
 
     from service.decoding import encode_prompt
+    from service.devices import resolve_dtype
 
+    dtype = resolve_dtype(settings.dtype)  # the engine's
     data = load_split(settings.data_dir, "meld", "test", "csv")[:dialogues]
     prompts = service_prompts(settings, model_dir, data)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -275,7 +277,7 @@ def run(
             cold["compiled_empty_cache"] = server.wait_ready()
         finally:
             server.stop()
-        probes = {"service_before": matmul_probe(settings.dtype)}
+        probes = {"service_before": matmul_probe(dtype)}
         server = Server(port, env)
         try:
             cold["compiled_cache_kept"] = server.wait_ready()
@@ -284,7 +286,7 @@ def run(
             peak_mb = server.peak_mb
         finally:
             server.stop()
-        probes["service_after"] = matmul_probe(settings.dtype)
+        probes["service_after"] = matmul_probe(dtype)
         server = Server(port, {**env, "ERC_ENFORCE_EAGER": "true"})
         try:
             cold["eager"] = server.wait_ready()
@@ -293,9 +295,9 @@ def run(
             server.stop()
 
     baseline_prompts = prompts[:baseline_limit] if baseline_limit else prompts
-    probes["baselines_before"] = matmul_probe(settings.dtype)
-    baselines = {dtype: naive_baseline(model_dir, baseline_prompts, dtype) for dtype in ("float32", "bfloat16")}
-    probes["baselines_after"] = matmul_probe(settings.dtype)
+    probes["baselines_before"] = matmul_probe(dtype)
+    baselines = {t: naive_baseline(model_dir, baseline_prompts, t) for t in ("float32", "bfloat16")}
+    probes["baselines_after"] = matmul_probe(dtype)
     probe = (probes["service_before"] + probes["service_after"]) / 2
     # How much faster the machine was while the service ran than while the baselines did.
     speed = probe / ((probes["baselines_before"] + probes["baselines_after"]) / 2)
@@ -309,7 +311,7 @@ def run(
         "machine": f"{provenance.machine()}, {round(_mem_gib())} GiB",
         "device": _device(),
         "model": str(model_dir),
-        "dtype": settings.dtype,
+        "dtype": dtype,
         "dialogues": len(data),
         "utterances": n_utt,
         "predict_dialogue": {"wall_s": batch["wall_s"], "utterances_per_s": utt_per_s},

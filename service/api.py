@@ -27,12 +27,16 @@ async def load_service(settings: Settings, state: ServiceState) -> None:
 
     model_dir = settings.model_dir or default_model_dir(settings.weights_root)
     engine = Engine(settings, model_dir)
-    # The encoder and the indexes load in a thread while the engine core starts in its own
-    # processes: each takes seconds, and on two cores they overlap (cold start, issue 13).
-    assembling = asyncio.create_task(asyncio.to_thread(assemble, settings, model_dir, engine))
     state.engine = engine
+    # The encoder and the indexes load in a thread while the engine starts in its own processes
+    # (each takes seconds; on two cores they overlap), but only once those processes exist: the
+    # torch encoder sets torch's thread pool, which a forked engine must not inherit.
+    processes = asyncio.Event()
+    starting = asyncio.create_task(engine.start(processes))
+    await asyncio.wait([starting, asyncio.create_task(processes.wait())], return_when=asyncio.FIRST_COMPLETED)
+    assembling = asyncio.create_task(asyncio.to_thread(assemble, settings, model_dir, engine))
     try:
-        await engine.start()
+        await starting
     finally:
         predictor = await assembling
     for name, why in predictor.unavailable.items():

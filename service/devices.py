@@ -10,3 +10,33 @@ def resolve(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+#: CPU features that compute bfloat16 natively (AMX tiles, or AVX-512 BF16 dot products).
+BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``auto``: bfloat16 where the hardware computes it natively (a GPU that supports it, a CPU
+    with AMX or AVX-512 BF16), else float32; anything else as given. Without those CPU features
+    bfloat16 is emulated: on the 2-core Xeon of 2026-12-01 (AVX-512F, no BF16) a 2048x2048 matrix
+    product ran at 38 GFLOP/s in bfloat16 against 192 in float32, while an AMX host of 2026-11-26
+    ran bfloat16 about 3x faster than float32."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if _cpu_flags() & BF16_CPU_FLAGS else "float32"

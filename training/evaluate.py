@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from service import provenance
+from service import devices, provenance
 from service.data import default_source, load_split
 from service.evaluation import scores
 from service.labels import DATASET_LABEL_SET, LABEL_SETS
@@ -132,7 +132,7 @@ async def evaluate_async(
                 },
                 "wall_s": round(wall, 1),
                 "utterances_per_s": round(len(items) / wall, 2),
-                "dtype": settings.dtype,
+                "dtype": devices.resolve_dtype(settings.dtype),
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "commit": provenance.commit(),
                 "machine": provenance.machine(),
