@@ -112,9 +112,9 @@ class Settings(BaseSettings):
     )
     enforce_eager: bool = Field(
         default=False,
-        description="Skip torch.compile / CUDA graphs. Measured on the 2-core CPU (2026-11-26): "
-        "eager starts in ~25 s instead of ~60-75 s but serves ~0.6x the utterances/s "
-        "(elementwise ops run unfused), so production keeps compilation on.",
+        description="Skip torch.compile / CUDA graphs. Measured on the 2-core CPU (2026-11-26): eager serves "
+        "~0.6-0.7x the utterances/s (elementwise ops run unfused); since the compile cache reloads and the "
+        "engine's processes fork, the compiled engine restarts about as fast, so production keeps compilation on.",
     )
     decoding: str = Field(
         default="auto",
