@@ -1,6 +1,8 @@
 """The images' dependency locks. The GPU image cannot be built or run here (no registry, no GPU),
-so its dependency set is resolved instead: deploy/requirements-gpu.lock must be exactly what
-`deploy/lock.sh gpu` resolves from PyPI (as of the date in its header) for the GPU image's python,
+so its dependency set is resolved instead: deploy/requirements-gpu.lock must pin exactly the
+versions `deploy/lock.sh gpu` resolves from PyPI (as of the date in its header, constrained to the
+lock's own pins, so only a change of pyproject.toml moves them) for the GPU image's python, name
+files PyPI still has,
 pin vllm as the `gpu` extra does, and be what the Dockerfile's GPU stage installs. Needs PyPI
 (skipped without it on a developer machine, failed under CI)."""
 
@@ -27,6 +29,15 @@ def _pins(lock: str) -> dict[str, str]:
     return dict(re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", lock, re.M))
 
 
+def _hashes(lock: str) -> dict[str, set[str]]:
+    blocks = re.split(r"\n(?=[A-Za-z0-9])", lock)
+    return {
+        m.group(1): set(re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
+        for block in blocks
+        if (m := re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==", block))
+    }
+
+
 def _requirement_name(spec: str) -> str:
     return re.split(r"[=<>!~\[; ]", spec, maxsplit=1)[0].lower().replace("_", "-")
 
@@ -51,7 +62,14 @@ def test_gpu_lock_resolves_and_is_in_sync(tmp_path):
         pytest.skip(f"PyPI cannot be reached: {result.stderr[-500:]}")
     assert result.returncode == 0, f"the gpu extra does not resolve:\n{result.stderr[-3000:]}"
     committed = (DEPLOY / "requirements-gpu.lock").read_text()
-    assert fresh.read_text() == committed, "deploy/requirements-gpu.lock is stale: run `deploy/lock.sh gpu`"
+    stale = "deploy/requirements-gpu.lock is stale: run `deploy/lock.sh gpu`"
+    assert _pins(fresh.read_text()) == _pins(committed), stale
+    # A file PyPI adds later to a pinned version is no staleness (pip --require-hashes picks
+    # among the files whose hashes the lock names); a file the lock names and PyPI no longer
+    # has would fail the image's install.
+    fresh_hashes, committed_hashes = _hashes(fresh.read_text()), _hashes(committed)
+    gone = {name: sorted(h - fresh_hashes.get(name, set())) for name, h in committed_hashes.items()}
+    assert not {n: g for n, g in gone.items() if g}, stale
 
     pins = _pins(committed)
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
