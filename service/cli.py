@@ -244,12 +244,13 @@ app.add_typer(weights_app, name="weights")
 def weights_build(
     force: Annotated[bool, typer.Option(help="Rebuild folders already built.")] = False,
     encoder_backend: Annotated[
-        Optional[str], typer.Option(help="Encoder export to make: onnx, openvino (default ERC_ENCODER_BACKEND).")
+        Optional[str],
+        typer.Option(help="Encoder export to make: onnx, onnx-int8, openvino (default ERC_ENCODER_BACKEND)."),
     ] = None,
 ) -> None:
     """Convert the embedded SmolLM2 GGUF into weights/base/, merge every committed adapter
     (weights/adapters/<name>/) into weights/<name>/, and export the retrieval encoder for its
-    backend into weights/encoder-<backend>/ (fp32, from the shipped weights)."""
+    backend into weights/encoder-<backend>/ (from the shipped weights)."""
     from service.encoders import BACKENDS, EncoderBackendError
     from service.retrieval import export_encoder
     from service.weights import WeightsError, build_all

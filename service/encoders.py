@@ -1,12 +1,14 @@
 """Runtimes for the retrieval encoder (all-MiniLM-L6-v2): PyTorch through sentence-transformers,
-or an fp32 export of the same weights run by ONNX Runtime or OpenVINO.
+or an export of the same weights run by ONNX Runtime (fp32 ``onnx``, or ``onnx-int8``: its
+weights dynamically quantized to int8) or OpenVINO (fp32).
 
 The exports are made at set-up from the shipped weights (``erc weights build`` writes
 ``weights/encoder-<backend>/``; never downloaded, never committed) and hold the whole
 sentence-transformers pipeline after tokenisation: the transformer, mean pooling over the attention
 mask and L2 normalisation, so a backend returns what ``SentenceTransformer.encode(...,
-normalize_embeddings=True)`` returns (within float rounding: tests/test_encoders.py). The tokenizer
-is the model folder's own, with the folder's ``max_seq_length``.
+normalize_embeddings=True)`` returns (the fp32 ones within float rounding, the int8 one within
+quantization error: tests/test_encoders.py). The tokenizer is the model folder's own, with the
+folder's ``max_seq_length``. Indexes are built by torch in fp32 whatever the serving backend.
 
 sentence-transformers' own ``backend="onnx"|"openvino"`` needs optimum-onnx / optimum-intel, which
 pin transformers below the 5.x that vLLM 0.32 needs; the export here is the same idea without them
@@ -29,12 +31,17 @@ import numpy as np
 
 log = logging.getLogger("service.encoders")
 
-BACKENDS = ("torch", "onnx", "openvino")
+BACKENDS = ("torch", "onnx", "onnx-int8", "openvino")
 EXPORT_MANIFEST = "encoder.json"
 EXPORT_VERSION = 1
-_FILES = {"onnx": "model.onnx", "openvino": "openvino_model.xml"}
+_FILES = {"onnx": "model.onnx", "onnx-int8": "model.onnx", "openvino": "openvino_model.xml"}
 #: What each backend needs installed, and the extra of pyproject.toml that installs it.
-_RUNTIME = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
+_RUNTIME = {
+    "onnx": ("onnxruntime", "onnx"),
+    "onnx-int8": ("onnxruntime", "onnx"),
+    "openvino": ("openvino", "openvino"),
+}
+_PRECISION = {"onnx": "fp32", "onnx-int8": "int8", "openvino": "fp32"}
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -106,7 +113,9 @@ class _Pipeline:
 
 def export(source_folder: Path, out_dir: Path, backend: str, identity: dict[str, Any]) -> Path:
     """Export the sentence-transformers model in ``source_folder`` to ``out_dir`` for ``backend``
-    (fp32), atomically: a half-written export never sits at ``out_dir``."""
+    (fp32; ``onnx-int8``: the fp32 ONNX graph with its weights then quantized to int8, per
+    channel, activations quantized at run time), atomically: a half-written export never sits at
+    ``out_dir``."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -126,7 +135,7 @@ def export(source_folder: Path, out_dir: Path, backend: str, identity: dict[str,
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer's notes on the attention mask's branches: constant for an encoder (no cache).
         warnings.simplefilter("ignore")
-        if backend == "onnx":
+        if backend in ("onnx", "onnx-int8"):
             try:
                 import onnx  # noqa: F401  (torch.onnx.export needs it)
             except ImportError:
@@ -144,6 +153,8 @@ def export(source_folder: Path, out_dir: Path, backend: str, identity: dict[str,
                 opset_version=17,
                 dynamo=False,
             )
+            if backend == "onnx-int8":
+                _quantize(tmp / _FILES["onnx"])
             runtime = "onnxruntime"
         else:
             import openvino as ov
@@ -157,7 +168,7 @@ def export(source_folder: Path, out_dir: Path, backend: str, identity: dict[str,
         "source": identity,
         "source_folder": str(source_folder),
         "max_seq_length": _max_seq_length(source_folder),
-        "precision": "fp32",
+        "precision": _PRECISION[backend],
         "exported_with": {
             "torch": torch.__version__,
             runtime: importlib.metadata.version(runtime),
@@ -168,6 +179,21 @@ def export(source_folder: Path, out_dir: Path, backend: str, identity: dict[str,
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
+
+
+def _quantize(model: Path) -> None:
+    """Quantize the fp32 graph at ``model`` in place: int8 weights per output channel, int8
+    activations scaled per call (ONNX Runtime's dynamic quantization: no calibration data, so
+    nothing of the datasets goes into the export). On this CPU (AVX-512 VNNI) it embeds one
+    utterance in about half the fp32 time; the embeddings move by a cosine of about 0.99."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = model.with_name("prepared.onnx")
+    # Symbolic shape inference cannot follow the traced attention mask; ONNX's own suffices.
+    quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
+    quantize_dynamic(str(prepared), str(model), weight_type=QuantType.QInt8, per_channel=True)
+    prepared.unlink()
 
 
 class ExportedEncoder:
@@ -182,7 +208,7 @@ class ExportedEncoder:
         self.folder = folder
         self.max_length = int(manifest["max_seq_length"])
         self.tokenizer = AutoTokenizer.from_pretrained(str(source_folder))
-        if backend == "onnx":
+        if backend in ("onnx", "onnx-int8"):
             import onnxruntime as ort
 
             options = ort.SessionOptions()

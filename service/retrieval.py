@@ -64,9 +64,10 @@ class Encoder:
     (name, dimension, weights fingerprint) that index manifests are checked against.
 
     ``backend`` picks the runtime (:mod:`service.encoders`): ``torch`` (sentence-transformers),
-    or the fp32 ``onnx`` / ``openvino`` export of the same weights found in ``export_root``
-    (``weights/encoder-<backend>/``). The identity is the weights', whatever the runtime: the
-    exports give the same embeddings within float rounding. An export that is missing, stale or
+    or the ``onnx`` / ``onnx-int8`` / ``openvino`` export of the same weights found in
+    ``export_root`` (``weights/encoder-<backend>/``). The identity is the weights', whatever the
+    runtime: the fp32 exports give the same embeddings within float rounding, the int8 one within
+    its quantization error (it queries the same fp32 indexes). An export that is missing, stale or
     whose runtime is not installed falls back to torch with a warning that says how to build it
     (``self.backend`` is the runtime in use). ``threads``: the runtime's intra-op threads (0:
     its default, every core; the torch backend sets torch's process-wide count)."""
@@ -192,7 +193,8 @@ def export_encoder(settings: Settings, backend: str | None = None, force: bool =
         except encoders.EncoderBackendError:
             pass
     encoders.export(Path(folder), out, backend, source)
-    return f"exported {out} ({backend}, fp32, from {source['name']} {source['fingerprint']})"
+    precision = json.loads((out / encoders.EXPORT_MANIFEST).read_text())["precision"]
+    return f"exported {out} ({backend}, {precision}, from {source['name']} {source['fingerprint']})"
 
 
 def _weights_fingerprint(folder: Path) -> str:
