@@ -327,7 +327,13 @@ def test_compose_runs_hardened_limited_replicas_behind_nginx(deployment):
     with httpx.Client(base_url=nginx.base, timeout=300) as client:
         for path, body in [p for p in deployment["payloads"] if p[0] == "/predict"][:4]:
             assert client.post(path, json=body).status_code == 200
-    lines = [line for line in nginx.logs(stderr=False).splitlines()[since:] if "POST /predict" in line]
+    # nginx logs a request after answering it: wait for the fourth line rather than read too soon.
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [line for line in nginx.logs(stderr=False).splitlines()[since:] if "POST /predict" in line]
+        if len(lines) >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     upstreams = {line.split("upstream=")[1].split()[0] for line in lines}
     addresses = {c.base.removeprefix("http://") for c in (deployment["a"], deployment["b"])}
     assert len(lines) == 4 and upstreams == addresses, (lines, addresses)

@@ -183,8 +183,22 @@ def run_load(base: str, payloads: list[tuple[str, dict]], total: int, workers: i
     return stats
 
 
-def _retried(access_log: Path, since: int) -> int:
-    lines = access_log.read_text().splitlines()[since:]
+def _access_lines(access_log: Path, since: int, pattern: str, count: int, timeout: float = 10) -> list[str]:
+    """The access log's lines after line ``since`` that match ``pattern``, once ``count`` of them
+    are there (or ``timeout`` passed). nginx writes a request's line in its log phase, after the
+    response has gone out: a client that reads the log as soon as it has its answer can be first
+    (a fresh-clone CI run read the log empty that way)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [line for line in access_log.read_text().splitlines()[since:] if re.search(pattern, line)]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def _retried(access_log: Path, since: int, sent: int = 0) -> int:
+    """Requests nginx sent to more than one upstream, among the (``sent``) logged after ``since``."""
+    lines = _access_lines(access_log, since, r'"POST /predict', sent)
     return sum(1 for line in lines if re.search(r"upstream=\S+, ", line))
 
 
@@ -252,7 +266,7 @@ def test_sigterm_drains_without_losing_a_request(cluster):
             victim.proc.send_signal(signal.SIGTERM)
 
     stats = run_load(cluster["base"], cluster["payloads"], total=60, workers=4, on_progress=progress)
-    retried = _retried(cluster["access"], since)
+    retried = _retried(cluster["access"], since, stats["sent"])
     _report("SIGTERM", stats, retried)
     assert fired.is_set()
     assert stats["failed"] == 0, stats["errors"]
@@ -281,7 +295,7 @@ def test_sigkill_loses_at_most_the_in_flight_requests(cluster):
     # Reap the killed server, so the next test sees it dead (poll()), not still exiting: a process
     # of a few GB can take seconds to go, and the next test then took it for a live replica.
     second.proc.wait(timeout=60)
-    retried = _retried(cluster["access"], since)
+    retried = _retried(cluster["access"], since, stats["sent"])
     _report("SIGKILL", stats, retried)
     assert fired.is_set()
     # Only requests in flight on the killed replica may fail (at most one per client thread);
@@ -340,7 +354,7 @@ def test_a_request_that_kills_its_engine_is_not_replayed(cluster, data_dir):
     response = result["response"]
     assert response.status_code == 500, response.text
     assert response.json()["detail"][0]["type"] == "engine_failed"
-    lines = [line for line in cluster["access"].read_text().splitlines()[since:] if "/predict_dialogue" in line]
+    lines = _access_lines(cluster["access"], since, "/predict_dialogue", 1)
     assert len(lines) == 1 and ", " not in lines[0].split("upstream=")[1], lines
     survivor = next(r for r in replicas if r is not victim)
     assert httpx.get(f"{survivor.base}/health", timeout=5).status_code == 200
