@@ -41,7 +41,7 @@ _RUNTIME = {
     "onnx-int8": ("onnxruntime", "onnx"),
     "openvino": ("openvino", "openvino"),
 }
-_PRECISION = {"onnx": "fp32", "onnx-int8": "int8", "openvino": "fp32"}
+PRECISION = {"onnx": "fp32", "onnx-int8": "int8", "openvino": "fp32"}
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -135,7 +135,7 @@ def export(source_folder: Path, out_dir: Path, backend: str, identity: dict[str,
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer's notes on the attention mask's branches: constant for an encoder (no cache).
         warnings.simplefilter("ignore")
-        if backend in ("onnx", "onnx-int8"):
+        if _RUNTIME[backend][0] == "onnxruntime":
             try:
                 import onnx  # noqa: F401  (torch.onnx.export needs it)
             except ImportError:
@@ -168,7 +168,7 @@ def export(source_folder: Path, out_dir: Path, backend: str, identity: dict[str,
         "source": identity,
         "source_folder": str(source_folder),
         "max_seq_length": _max_seq_length(source_folder),
-        "precision": _PRECISION[backend],
+        "precision": PRECISION[backend],
         "exported_with": {
             "torch": torch.__version__,
             runtime: importlib.metadata.version(runtime),
@@ -208,7 +208,7 @@ class ExportedEncoder:
         self.folder = folder
         self.max_length = int(manifest["max_seq_length"])
         self.tokenizer = AutoTokenizer.from_pretrained(str(source_folder))
-        if backend in ("onnx", "onnx-int8"):
+        if _RUNTIME[backend][0] == "onnxruntime":
             import onnxruntime as ort
 
             options = ort.SessionOptions()

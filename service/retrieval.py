@@ -193,8 +193,7 @@ def export_encoder(settings: Settings, backend: str | None = None, force: bool =
         except encoders.EncoderBackendError:
             pass
     encoders.export(Path(folder), out, backend, source)
-    precision = json.loads((out / encoders.EXPORT_MANIFEST).read_text())["precision"]
-    return f"exported {out} ({backend}, {precision}, from {source['name']} {source['fingerprint']})"
+    return f"exported {out} ({backend}, {encoders.PRECISION[backend]}, from {source['name']} {source['fingerprint']})"
 
 
 def _weights_fingerprint(folder: Path) -> str:

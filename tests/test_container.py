@@ -26,7 +26,7 @@ import pytest
 
 from bench.launcher import ServerProcess, free_port
 from tests.conftest import IN_CI, require
-from tests.test_deploy import _payloads, _retried, run_load
+from tests.test_deploy import _payloads, _retried, access_lines, run_load
 
 # On by default, CI included (the issue asks for it): a cold image build and a replica compiling
 # its model make this the slowest module of the suite (deploy/README.md has the measured times).
@@ -327,13 +327,7 @@ def test_compose_runs_hardened_limited_replicas_behind_nginx(deployment):
     with httpx.Client(base_url=nginx.base, timeout=300) as client:
         for path, body in [p for p in deployment["payloads"] if p[0] == "/predict"][:4]:
             assert client.post(path, json=body).status_code == 200
-    # nginx logs a request after answering it: wait for the fourth line rather than read too soon.
-    deadline = time.monotonic() + 10
-    while True:
-        lines = [line for line in nginx.logs(stderr=False).splitlines()[since:] if "POST /predict" in line]
-        if len(lines) >= 4 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    lines = access_lines(lambda: nginx.logs(stderr=False), since, "POST /predict", 4)
     upstreams = {line.split("upstream=")[1].split()[0] for line in lines}
     addresses = {c.base.removeprefix("http://") for c in (deployment["a"], deployment["b"])}
     assert len(lines) == 4 and upstreams == addresses, (lines, addresses)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -183,14 +184,14 @@ def run_load(base: str, payloads: list[tuple[str, dict]], total: int, workers: i
     return stats
 
 
-def _access_lines(access_log: Path, since: int, pattern: str, count: int, timeout: float = 10) -> list[str]:
-    """The access log's lines after line ``since`` that match ``pattern``, once ``count`` of them
-    are there (or ``timeout`` passed). nginx writes a request's line in its log phase, after the
-    response has gone out: a client that reads the log as soon as it has its answer can be first
-    (a fresh-clone CI run read the log empty that way)."""
+def access_lines(read: Callable[[], str], since: int, pattern: str, count: int, timeout: float = 10) -> list[str]:
+    """The access log's lines (``read()`` returns the log) after line ``since`` that match
+    ``pattern``, once ``count`` of them are there (or ``timeout`` passed). nginx writes a request's
+    line in its log phase, after the response has gone out: a client that reads the log as soon as
+    it has its answer can be first (a fresh-clone CI run read the log empty that way)."""
     deadline = time.monotonic() + timeout
     while True:
-        lines = [line for line in access_log.read_text().splitlines()[since:] if re.search(pattern, line)]
+        lines = [line for line in read().splitlines()[since:] if re.search(pattern, line)]
         if len(lines) >= count or time.monotonic() > deadline:
             return lines
         time.sleep(0.05)
@@ -198,7 +199,7 @@ def _access_lines(access_log: Path, since: int, pattern: str, count: int, timeou
 
 def _retried(access_log: Path, since: int, sent: int = 0) -> int:
     """Requests nginx sent to more than one upstream, among the (``sent``) logged after ``since``."""
-    lines = _access_lines(access_log, since, r'"POST /predict', sent)
+    lines = access_lines(access_log.read_text, since, r'"POST /predict', sent)
     return sum(1 for line in lines if re.search(r"upstream=\S+, ", line))
 
 
@@ -354,7 +355,7 @@ def test_a_request_that_kills_its_engine_is_not_replayed(cluster, data_dir):
     response = result["response"]
     assert response.status_code == 500, response.text
     assert response.json()["detail"][0]["type"] == "engine_failed"
-    lines = _access_lines(cluster["access"], since, "/predict_dialogue", 1)
+    lines = access_lines(cluster["access"].read_text, since, "/predict_dialogue", 1)
     assert len(lines) == 1 and ", " not in lines[0].split("upstream=")[1], lines
     survivor = next(r for r in replicas if r is not victim)
     assert httpx.get(f"{survivor.base}/health", timeout=5).status_code == 200

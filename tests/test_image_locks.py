@@ -61,13 +61,13 @@ def test_gpu_lock_resolves_and_is_in_sync(tmp_path):
     if result.returncode != 0 and not IN_CI and any(e in result.stderr.lower() for e in NETWORK_ERRORS):
         pytest.skip(f"PyPI cannot be reached: {result.stderr[-500:]}")
     assert result.returncode == 0, f"the gpu extra does not resolve:\n{result.stderr[-3000:]}"
-    committed = (DEPLOY / "requirements-gpu.lock").read_text()
+    committed, resolved = (DEPLOY / "requirements-gpu.lock").read_text(), fresh.read_text()
     stale = "deploy/requirements-gpu.lock is stale: run `deploy/lock.sh gpu`"
-    assert _pins(fresh.read_text()) == _pins(committed), stale
+    assert _pins(resolved) == _pins(committed), stale
     # A file PyPI adds later to a pinned version is no staleness (pip --require-hashes picks
     # among the files whose hashes the lock names); a file the lock names and PyPI no longer
     # has would fail the image's install.
-    fresh_hashes, committed_hashes = _hashes(fresh.read_text()), _hashes(committed)
+    fresh_hashes, committed_hashes = _hashes(resolved), _hashes(committed)
     gone = {name: sorted(h - fresh_hashes.get(name, set())) for name, h in committed_hashes.items()}
     assert not {n: g for n, g in gone.items() if g}, stale
 
