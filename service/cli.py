@@ -369,13 +369,18 @@ def evaluate(
         typer.Option(help="Dataset (default: every dataset the model serves, valid and test, and DailyDialog test)."),
     ] = None,
     split: Annotated[
-        SplitName, typer.Option(help="Split, with --dataset (select on valid, report test).")
-    ] = SplitName.test,
+        Optional[SplitName],
+        typer.Option(help="Split (select on valid, report test); default: test with --dataset, else valid and test."),
+    ] = None,
     source: Annotated[Optional[Source], typer.Option(help="Default: csv (IEMOCAP: cosmic).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON reports and confusion-matrix PNGs.")] = Path("reports"),
     out_of_domain: Annotated[bool, typer.Option(help="Also evaluate DailyDialog test (MELD models).")] = True,
     scores: Annotated[
-        Optional[Path], typer.Option(help="Also write the figures a model card quotes (scores.json) here.")
+        Optional[Path],
+        typer.Option(
+            help="Also write the figures a model card quotes here (scores.json; scores-float32.json for a "
+            "float32 engine)."
+        ),
     ] = None,
 ) -> None:
     """Evaluate a model through the serving engine path; write JSON reports and confusion PNGs."""
@@ -385,12 +390,15 @@ def evaluate(
     settings = get_settings()
     model_dir = model or settings.model_dir or default_model_dir(settings.weights_root)
     if dataset is None:
-        runs = served_runs(model_dir, settings, out_of_domain=out_of_domain)
+        splits = (split.value,) if split else ("valid", "test")
+        runs = served_runs(model_dir, settings, splits, out_of_domain=out_of_domain)
     else:
+        split = split or SplitName.test
         runs = [(dataset.value, split.value, source.value if source else default_source(dataset.value))]
         if (
             out_of_domain
             and dataset.value == "meld"
+            and split == SplitName.test
             and (settings.data_dir / "DailyDialog" / "dailydialog_test.txt").is_file()
         ):
             runs.append(("dailydialog", "test", "csv"))

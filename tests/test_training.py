@@ -386,3 +386,20 @@ def test_stacked_adapters_merge_in_order_and_the_default_is_named(tmp_path):
     (root / "adapters" / "DEFAULT").write_text("gone\n")
     with pytest.raises(WeightsError, match="names 'gone'"):
         default_model_dir(root)
+
+
+def test_every_committed_figure_table_names_its_precision_and_its_card_quotes_it():
+    """The card test (tests/test_service.py) picks a table by the engine's precision: each table
+    must say which it was measured in, under the name that precision maps to, and the card beside
+    it must quote every test figure."""
+    from training.evaluate import scores_file
+
+    tables = sorted((Path(__file__).resolve().parents[1] / "weights" / "adapters").glob("*/scores*.json"))
+    assert {"scores.json", "scores-float32.json"} <= {p.name for p in tables}
+    for path in tables:
+        scores = json.loads(path.read_text())
+        assert path.name == scores_file(scores["precision"]), path
+        card = (path.parent / "MODEL_CARD.md").read_text()
+        for key, figures in scores.items():
+            if key.endswith(" test"):
+                assert f"{figures['weighted_f1']:.2f}" in card, (path, key)

@@ -193,9 +193,18 @@ def calibrate(model_dir: Path, settings: Settings, out_dir: Path, also: list[Pat
     return {name: entry.calibration.model_dump() for name, entry in spec.label_sets.items() if entry.calibration}
 
 
+def scores_file(precision: str) -> str:
+    """The file name of a card's figures measured at ``precision``: ``scores.json`` for bfloat16,
+    the precision the cards were first measured in, ``scores-<precision>.json`` for any other."""
+    return "scores.json" if precision == "bfloat16" else f"scores-{precision}.json"
+
+
 def scores_table(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """The figures a model card quotes, keyed ``"<dataset> <split>"`` (what the suite re-checks)."""
-    out: dict[str, Any] = {}
+    """The figures a model card quotes, keyed ``"<dataset> <split>"`` (what the suite re-checks),
+    with the engine's ``precision``: float32 and bfloat16 round differently enough to move a
+    figure, so a card holds one table per precision the service serves by default."""
+    (precision,) = {r["dtype"] for r in reports}
+    out: dict[str, Any] = {"precision": precision}
     for r in reports:
         out[f"{r['dataset']} {r['split']}"] = {
             "weighted_f1": round(r["weighted_f1"], 2),
