@@ -11,6 +11,8 @@ On real MELD test prompts (the served template: window 12, three demonstrations)
   only): the arithmetic and weight reads without vLLM's scheduler, sampler and process hops;
 * **matrix products**: the step's projections alone at the model's shapes, through the engine's
   own CPU kernel (vLLM's oneDNN primitive): the arithmetic a step cannot skip;
+* **int8**: those products with the weights and inputs quantized to int8 (W8A8, vLLM's CPU
+  kernel), at a few step sizes: what an int8 checkpoint could take off, before its accuracy;
 * **memory floor**: a step over a few tokens reads every weight once, so it takes at least the
   weights' bytes over the read bandwidth measured here (a sum over 1 GiB, every thread).
 
@@ -44,26 +46,41 @@ def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
     return x.numel() * 4 / statistics.median(times)
 
 
-def _linear(weight: torch.Tensor):
+def _linear(weight: torch.Tensor, int8: bool = False):
     """The engine's own CPU matrix product for ``weight`` (vLLM's prepacked oneDNN primitive, as
-    its CPU linear layers dispatch on x86), else ``torch.nn.functional.linear``."""
+    its CPU linear layers dispatch on x86), else ``torch.nn.functional.linear``. ``int8``: the
+    weight quantized per output channel and each input per token at run time, through the
+    oneDNN kernel vLLM runs for W8A8 int8 checkpoints on CPU (no fallback: None if absent)."""
     try:
         from vllm import _custom_ops as ops
-
+    except ImportError:
+        return None if int8 else (lambda x: torch.nn.functional.linear(x, weight))
+    if not int8:
         handler = ops.create_onednn_mm(weight.t(), 32)
         return lambda x: ops.onednn_mm(handler, x, None)
-    except (ImportError, AttributeError, RuntimeError):
-        return lambda x: torch.nn.functional.linear(x, weight)
+    scale = weight.abs().amax(dim=1, keepdim=True) / 127
+    quantized = (weight / scale).round().clamp(-127, 127).to(torch.int8)
+    handler = ops.create_onednn_scaled_mm(quantized.t(), scale.reshape(-1), torch.float32, True, False, 32)
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        x_q, x_s, x_zp = ops.onednn_scaled_int8_quant(x, None, None, True)
+        out = torch.empty((x.size(0), handler.n), dtype=x.dtype)
+        ops.onednn_scaled_mm(handler, x_q, out, x_s, x_zp, None, None)
+        return out
+
+    return product
 
 
-def gemm_times(config, tokens: int, reps: int) -> list[float]:
+def gemm_times(config, tokens: int, reps: int, int8: bool = False) -> list[float] | None:
     """Seconds for the matrix products alone of one step over ``tokens`` new tokens: every
-    layer's projections at the model's shapes in float32, and the output head at the last
-    position; no attention, norms, activations, scheduling or process hops."""
+    layer's projections at the model's shapes, and the output head at the last position (in
+    float32 either way); no attention, norms, activations, scheduling or process hops."""
     h, inter = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
     shapes = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]
-    layers = [[(_linear(torch.randn(o, i)), i) for o, i in shapes] for _ in range(config.num_hidden_layers)]
+    layers = [[(_linear(torch.randn(o, i), int8), i) for o, i in shapes] for _ in range(config.num_hidden_layers)]
+    if layers[0][0][0] is None:
+        return None
     head = _linear(torch.randn(config.vocab_size, h))
     inputs = {i: torch.randn(tokens, i) for _, i in shapes}
     last = torch.randn(1, h)
@@ -174,6 +191,13 @@ def main() -> None:
         f"| {ms(gemm)} | {1000 * weights / bandwidth:.1f} ms |"
     )
     print(f"| prompt never seen (every token) | {ms(engine_cold)} | {ms(torch_cold)} | | |")
+    print()
+    print("| new tokens in the step | matrix products, float32 | the same, int8 weights and inputs (W8A8) | ratio |")
+    print("|---|---|---|---|")
+    for tokens in sorted({1, new_tokens, 128, settings.max_num_batched_tokens or 512}):
+        full, int8 = gemm_times(config, tokens, args.reps), gemm_times(config, tokens, args.reps, int8=True)
+        ratio = f"{statistics.median(full) / statistics.median(int8):.2f}x" if int8 else ""
+        print(f"| {tokens} | {ms(full)} | {ms(int8) if int8 else 'no vLLM CPU kernel here'} | {ratio} |")
 
 
 if __name__ == "__main__":
