@@ -58,11 +58,13 @@ def _linear(weight: torch.Tensor, int8: bool = False):
     if not int8:
         handler = ops.create_onednn_mm(weight.t(), 32)
         return lambda x: ops.onednn_mm(handler, x, None)
-    scale = weight.abs().amax(dim=1, keepdim=True) / 127
+    scale = weight.abs().amax(dim=1, keepdim=True) / 127  # (N, 1), as vLLM stores a channel scale
     quantized = (weight / scale).round().clamp(-127, 127).to(torch.int8)
-    handler = ops.create_onednn_scaled_mm(quantized.t(), scale.reshape(-1), torch.float32, True, False, 32)
+    handler = ops.create_onednn_scaled_mm(quantized.t(), scale, torch.float32, True, False, 32)
 
     def product(x: torch.Tensor) -> torch.Tensor:
+        # The handler reads the scales through a pointer: they must outlive it (as a layer's do).
+        _ = scale
         x_q, x_s, x_zp = ops.onednn_scaled_int8_quant(x, None, None, True)
         out = torch.empty((x.size(0), handler.n), dtype=x.dtype)
         ops.onednn_scaled_mm(handler, x_q, out, x_s, x_zp, None, None)

@@ -44,3 +44,27 @@ def test_profile_summary_counts_self_and_inclusive_time(tmp_path):
     assert "10 samples" in text
     assert " 60.0%  gemm" in text and " 30.0%  rms_norm" in text and " 10.0%  sched" in text
     assert " 90.0%  forward" in text  # inclusive: on 9 of the 10 sampled stacks
+
+
+def test_floor_times_the_products_it_claims_to():
+    """bench/floor.py's matrix products are the model's: vLLM's float32 kernel gives torch's
+    product, the int8 one gives it within the quantisation error, and a step over a tiny
+    Llama's shapes is timed once per repetition."""
+    import torch
+    from transformers import LlamaConfig
+
+    from bench.floor import _linear, gemm_times
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 64), torch.randn(5, 64)
+    exact = torch.nn.functional.linear(x, weight)
+    assert torch.allclose(_linear(weight)(x), exact, atol=1e-4)
+    int8 = _linear(weight, int8=True)
+    if int8 is not None:  # vLLM's CPU build is installed
+        error = (int8(x) - exact).abs().max() / exact.abs().max()
+        assert 0 < error < 0.03, error
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2
+    )
+    times = gemm_times(config, tokens=3, reps=4)
+    assert len(times) == 4 and min(times) > 0
