@@ -1,6 +1,7 @@
 """What the engine's part of a ``/predict`` at concurrency 1 costs, against what it cannot go below.
 
-On real MELD test prompts (the served template: window 12, three demonstrations), one engine:
+On real MELD test prompts (rendered by the service's predictor: template, window, retrieved
+demonstrations), one engine:
 
 * **engine**: ``Engine.classify`` of one prompt, as the service calls it, in two cases: the
   prompt was classified before, so all but its last block is in the prefix cache (the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import time
 from typing import Any
@@ -98,19 +100,14 @@ def gemm_times(config, tokens: int, reps: int, int8: bool = False) -> list[float
     return times[1:]
 
 
-def prompts(settings, count: int) -> list[str]:
-    """The last turn of ``count`` MELD test dialogues, rendered as the service renders them, with
-    three labelled turns of other dialogues standing in for the retrieved demonstrations (the
-    step's cost depends on the prompt's length, not on which neighbours it shows)."""
-    from service import templates
+def prompts(settings, model_dir, count: int) -> list[str]:
+    """The last turn of ``count`` MELD test dialogues of at least 8 turns, rendered by the service's
+    own predictor (template, window, retrieved demonstrations: ``bench.run.service_prompts``)."""
+    from bench.run import service_prompts
 
-    dialogues = [d for d in load_split(settings.data_dir, "meld", "test", "csv") if len(d.turns) >= 8]
-    out = []
-    for i, conv in enumerate(dialogues[:count]):
-        others = dialogues[(i + 1) % len(dialogues)].turns[:3]
-        shown = [templates.Shown(t.text, t.label) for t in others]
-        out.append(templates.erc_prompt(conv, len(conv.turns) - 1, LABEL_SETS["meld"], 12, shown))
-    return out
+    dialogues = [d for d in load_split(settings.data_dir, "meld", "test", "csv") if len(d.turns) >= 8][:count]
+    rendered = service_prompts(settings, model_dir, dialogues)
+    return [rendered[end - 1] for end in itertools.accumulate(len(d.turns) for d in dialogues)]
 
 
 def ms(times: list[float]) -> str:
@@ -177,10 +174,11 @@ def main() -> None:
 
     settings = get_settings()
     model_dir = settings.model_dir or default_model_dir(settings.weights_root)
-    texts = prompts(settings, args.reps + 2)
+    texts = prompts(settings, model_dir, args.reps + 2)
     engine_cached, engine_cold, block = asyncio.run(engine_times(settings, model_dir, texts, args.reps))
     torch_cached, torch_cold, new_tokens, weights, config = torch_times(model_dir, texts, block, args.reps)
-    gemm = gemm_times(config, new_tokens, args.reps)
+    sizes = sorted({1, new_tokens, 128, settings.max_num_batched_tokens or 512})
+    gemm = {n: (gemm_times(config, n, args.reps), gemm_times(config, n, args.reps, int8=True)) for n in sizes}
     bandwidth = read_bandwidth()
     print(f"model {model_dir.name}, float32 weights {weights / 1e6:.0f} MB; torch threads {torch.get_num_threads()}")
     print(
@@ -190,14 +188,13 @@ def main() -> None:
     print("|---|---|---|---|---|")
     print(
         f"| prompt cached but its last {new_tokens} tokens | {ms(engine_cached)} | {ms(torch_cached)} "
-        f"| {ms(gemm)} | {1000 * weights / bandwidth:.1f} ms |"
+        f"| {ms(gemm[new_tokens][0])} | {1000 * weights / bandwidth:.1f} ms |"
     )
     print(f"| prompt never seen (every token) | {ms(engine_cold)} | {ms(torch_cold)} | | |")
     print()
     print("| new tokens in the step | matrix products, float32 | the same, int8 weights and inputs (W8A8) | ratio |")
     print("|---|---|---|---|")
-    for tokens in sorted({1, new_tokens, 128, settings.max_num_batched_tokens or 512}):
-        full, int8 = gemm_times(config, tokens, args.reps), gemm_times(config, tokens, args.reps, int8=True)
+    for tokens, (full, int8) in gemm.items():
         ratio = f"{statistics.median(full) / statistics.median(int8):.2f}x" if int8 else ""
         print(f"| {tokens} | {ms(full)} | {ms(int8) if int8 else 'no vLLM CPU kernel here'} | {ratio} |")
 
