@@ -31,7 +31,8 @@ index: data
 	$(ERC) index ensure
 
 weights: setup
-	$(ERC) weights build
+	# --int8: weights/<default>-int8/, the CPU's faster option (docs/profile.md round 5); seconds to make.
+	$(ERC) weights build --int8
 
 test: index weights
 	$(PY) -m pytest -q

@@ -177,7 +177,8 @@ def non_embedding_params(model_dir: Path) -> int:
     for path in model_dir.glob("*.safetensors"):
         with safe_open(str(path), "pt") as fh:
             for name in fh.keys():
-                if "embed_tokens" not in name and "lm_head" not in name:
+                # An int8 build's scales are not parameters a product multiplies by.
+                if "embed_tokens" not in name and "lm_head" not in name and not name.endswith("_scale"):
                     total += _prod(fh.get_slice(name).get_shape())
     return total
 
@@ -261,8 +262,13 @@ def run(
 
     from service.decoding import encode_prompt
     from service.devices import resolve_dtype
+    from service.spec import ServingSpec
+    from service.weights import adapter_of
 
     dtype = resolve_dtype(settings.dtype)  # the engine's
+    precision = ServingSpec.load(model_dir).precision(dtype)
+    # The naive loop a user writes runs the float checkpoint: an int8 build's is the one it came from.
+    float_dir = model_dir.with_name(adapter_of(model_dir)) if precision == "int8" else model_dir
     data = load_split(settings.data_dir, "meld", "test", "csv")[:dialogues]
     prompts = service_prompts(settings, model_dir, data)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -296,7 +302,7 @@ def run(
 
     baseline_prompts = prompts[:baseline_limit] if baseline_limit else prompts
     probes["baselines_before"] = matmul_probe(dtype)
-    baselines = {t: naive_baseline(model_dir, baseline_prompts, t) for t in ("float32", "bfloat16")}
+    baselines = {t: naive_baseline(float_dir, baseline_prompts, t) for t in ("float32", "bfloat16")}
     probes["baselines_after"] = matmul_probe(dtype)
     probe = (probes["service_before"] + probes["service_after"]) / 2
     # How much faster the machine was while the service ran than while the baselines did.
@@ -312,6 +318,8 @@ def run(
         "device": _device(),
         "model": str(model_dir),
         "dtype": dtype,
+        "precision": precision,
+        "baseline_model": str(float_dir),
         "dialogues": len(data),
         "utterances": n_utt,
         "predict_dialogue": {"wall_s": batch["wall_s"], "utterances_per_s": utt_per_s},
@@ -388,11 +396,13 @@ def write_report(result: dict[str, Any], md: Path, png: Path, command: str) -> N
         if r["probe_spread"] > 1.15
         else f"The probe moved {r['probe_spread']:.2f}x within this run."
     )
+    base = r.get("baseline_model", r["model"])
+    baseline_on = f", naive baselines on the float `{base}` it was quantized from" if base != r["model"] else ""
     md.write_text(
         f"""# Benchmarks
 
 One run, one machine, one model: {r["machine"]}; {r["date"]}; commit `{r["commit"]}`; model
-`{r["model"]}` ({r["dtype"]}, on {r["device"]}); MELD test, first {r["dialogues"]} dialogues ({r["utterances"]} utterances).
+`{r["model"]}` ({r.get("precision", r["dtype"])}, on {r["device"]}){baseline_on}; MELD test, first {r["dialogues"]} dialogues ({r["utterances"]} utterances).
 Reproduce with:
 
 ```bash

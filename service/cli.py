@@ -247,6 +247,12 @@ def weights_build(
         Optional[str],
         typer.Option(help="Encoder export to make: onnx, onnx-int8, openvino (default ERC_ENCODER_BACKEND)."),
     ] = None,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            help="Also quantize the default merge to int8 into weights/<name>-int8/ (serve it with ERC_MODEL_DIR)."
+        ),
+    ] = False,
 ) -> None:
     """Convert the embedded SmolLM2 GGUF into weights/base/, merge every committed adapter
     (weights/adapters/<name>/) into weights/<name>/, and export the retrieval encoder for its
@@ -259,7 +265,7 @@ def weights_build(
     if encoder_backend is not None and encoder_backend not in BACKENDS:
         raise typer.BadParameter(f"one of {', '.join(BACKENDS)}", param_hint="--encoder-backend")
     try:
-        for line in build_all(settings.weights_root, force=force):
+        for line in build_all(settings.weights_root, force=force, int8=int8):
             typer.echo(line)
     except WeightsError as exc:
         raise _fail(str(exc)) from None
@@ -379,7 +385,7 @@ def evaluate(
         Optional[Path],
         typer.Option(
             help="Also write the figures a model card quotes here (scores.json; scores-float32.json for a "
-            "float32 engine)."
+            "float32 engine, scores-int8.json for an int8 build)."
         ),
     ] = None,
 ) -> None:
@@ -422,13 +428,14 @@ def calibrate(
     out: Annotated[Path, typer.Option(help="Folder for the dev reports.")] = Path("reports/calibration"),
 ) -> None:
     """Fit each served label set's bias and temperature on its dev split, through the serving
-    path, and store them in the model's erc.json and in its committed adapter's."""
-    from service.weights import ADAPTERS, default_model_dir
+    path, and store them in the model's erc.json and in its committed adapter's (an int8 build's
+    as the adapter's ``calibration_int8``)."""
+    from service.weights import ADAPTERS, adapter_of, default_model_dir
     from training.evaluate import calibrate as run_calibration
 
     settings = get_settings()
     model_dir = model or settings.model_dir or default_model_dir(settings.weights_root)
-    adapter = settings.weights_root / ADAPTERS / model_dir.name
+    adapter = settings.weights_root / ADAPTERS / adapter_of(model_dir)
     also = [adapter] if (adapter / "erc.json").is_file() else []
     fitted = run_calibration(model_dir, settings, out, also)
     for name, cal in fitted.items():

@@ -3,7 +3,8 @@ LoRA adapters merged into it. Both ``erc weights build`` and ``erc merge`` call 
 
 Layout under ``ERC_WEIGHTS_ROOT`` (``weights/``): ``base/`` (the converted base model),
 ``adapters/<name>/`` (committed LoRA adapters, each with its ``erc.json``) and ``<name>/`` (the
-adapter merged into the base: what vLLM serves). Built checkpoints are not committed.
+adapter merged into the base: what vLLM serves) and, with ``--int8``, ``<name>-int8/`` (the
+default merge quantized to int8). Built checkpoints are not committed.
 """
 
 from __future__ import annotations
@@ -116,6 +117,76 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+INT8_SUFFIX = "-int8"
+#: The linear layers of a Llama block; embeddings, norms and the tied output head stay float.
+_INT8_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: compressed-tensors' description of the checkpoint written below, which vLLM reads from
+#: config.json and serves with its int8 scaled-matmul kernels (oneDNN with VNNI or AMX on CPU,
+#: CUTLASS on a GPU). Activations are scaled per token at run time, so no calibration data.
+_INT8_CONFIG = {
+    "quant_method": "compressed-tensors",
+    "format": "int-quantized",
+    "quantization_status": "compressed",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
+            "input_activations": {
+                "num_bits": 8,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "token",
+                "dynamic": True,
+            },
+            "output_activations": None,
+        }
+    },
+    "ignore": ["lm_head"],
+}
+
+
+def quantize_int8(model_dir: Path, out_dir: Path) -> Path:
+    """Write ``model_dir`` (a float checkpoint) as an int8 W8A8 checkpoint vLLM serves: each
+    linear layer's weight rounded to int8 per output channel (scale = the row's absolute maximum
+    / 127). Its ``erc.json`` serves each label set's ``calibration_int8`` where one was fitted,
+    else the float calibration (which measured 0.47 F1 low on MELD test)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    spec = ServingSpec.load(model_dir)
+    if spec.quantization:
+        raise WeightsError(f"{model_dir} is already quantized ({spec.quantization})")
+    tmp = _atomic_dir(out_dir)
+    for file in model_dir.iterdir():
+        if file.is_file() and file.name not in ("model.safetensors", "config.json", SPEC_FILE):
+            shutil.copy2(file, tmp / file.name)
+    out = {}
+    for key, tensor in load_file(model_dir / "model.safetensors").items():
+        if key.endswith(".weight") and key.split(".")[-2] in _INT8_LAYERS:
+            weight = tensor.float()
+            scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
+            out[key] = (weight / scale).round().clamp(-127, 127).to(torch.int8).contiguous()
+            out[key.removesuffix("weight") + "weight_scale"] = scale.contiguous()
+        else:
+            out[key] = tensor.contiguous()
+    save_file(out, tmp / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = _INT8_CONFIG
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    spec.quantization = "int8"
+    spec.model_name += INT8_SUFFIX
+    for entry in spec.label_sets.values():
+        entry.calibration = entry.calibration_int8 or entry.calibration
+    spec.save(tmp)
+    _commit_dir(tmp, out_dir)
+    return out_dir
+
+
+def adapter_of(model_dir: Path) -> str:
+    """The committed adapter a built folder comes from: its own name, less ``-int8``."""
+    return model_dir.name.removesuffix(INT8_SUFFIX)
+
+
 def adapters(weights_root: Path) -> list[Path]:
     """Committed LoRA adapters (folders holding ``adapter_config.json`` and ``erc.json``), each
     after the adapter it was trained on top of (its ``base_adapter``), else by name."""
@@ -147,10 +218,11 @@ def merge_base(weights_root: Path, adapter_dir: Path) -> Path:
     return weights_root / (ServingSpec.load(adapter_dir).base_adapter or BASE_NAME)
 
 
-def build_all(weights_root: Path, force: bool = False) -> list[str]:
+def build_all(weights_root: Path, force: bool = False, int8: bool = False) -> list[str]:
     """Build ``base/`` from the embedded GGUF and merge every committed adapter (an adapter
-    trained on top of another into that one's merge); skip folders already built unless
-    ``force``."""
+    trained on top of another into that one's merge); with ``int8`` also quantize the served
+    default into ``<name>-int8/`` (the one adapter whose card has int8 figures). Skip folders
+    already built unless ``force``."""
     done = []
     base = weights_root / BASE_NAME
     rebuilt = set()
@@ -169,6 +241,16 @@ def build_all(weights_root: Path, force: bool = False) -> list[str]:
             rebuilt.add(adapter.name)
         else:
             done.append(f"present  {out}")
+    served = default_model_dir(weights_root)
+    if int8 and served.name != BASE_NAME:
+        quantized = served.with_name(served.name + INT8_SUFFIX)
+        if force or served.name in rebuilt or not (quantized / SPEC_FILE).is_file():
+            quantize_int8(served, quantized)
+            spec = ServingSpec.load(weights_root / ADAPTERS / served.name)
+            fitted = all(e.calibration_int8 for e in spec.label_sets.values())
+            done.append(f"int8     {quantized}" + ("" if fitted else " (float calibration: none fitted for int8)"))
+        else:
+            done.append(f"present  {quantized}")
     return done
 
 

@@ -162,6 +162,67 @@ def test_merge_round_trip(tokenizer, tmp_path):
     assert json.loads((merged_dir / "config.json").read_text())["rope_theta"] == 10000.0
 
 
+def _calibration(n: int, bias: float, where: str):
+    from service.spec import Calibration
+
+    return Calibration(bias=[bias] * n, temperature=1.5, fitted_on=where)
+
+
+def test_int8_build_rounds_each_projection_per_channel_and_serves_its_own_calibration(tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    from service.spec import LabelSetSpec
+    from service.weights import WeightsError, adapter_of, quantize_int8
+    from training.evaluate import store_calibration
+
+    model_dir, out = tmp_path / "tiny", tmp_path / "tiny-int8"
+    tiny_llama(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    n_meld, n_iemocap = len(LABEL_SETS["meld"]), len(LABEL_SETS["iemocap"])
+    ServingSpec(
+        model_name="tiny",
+        label_sets={
+            "meld": LabelSetSpec(
+                calibration=_calibration(n_meld, 0.1, "float"), calibration_int8=_calibration(n_meld, 0.2, "int8")
+            ),
+            "iemocap": LabelSetSpec(calibration=_calibration(n_iemocap, 0.3, "float")),
+        },
+    ).save(model_dir)
+    quantize_int8(model_dir, out)
+
+    before, after = load_file(model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    projections = [k for k in before if k.split(".")[-2].endswith("_proj")]
+    assert len(projections) == 3 * 7
+    for key in before:
+        if key in projections:
+            q, scale = after[key], after[key.removesuffix("weight") + "weight_scale"]
+            assert q.dtype == torch.int8 and scale.shape == (q.shape[0], 1)
+            assert int(q.abs().amax(dim=1).min()) == 127  # each row uses the whole int8 range
+            # Rounding to the nearest step: no weight moves by more than half its row's step.
+            assert bool(((q.float() * scale - before[key]).abs() <= scale / 2 + 1e-7).all()), key
+        else:
+            assert torch.equal(after[key], before[key]), key  # embeddings and norms stay float
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "compressed-tensors"
+    assert quant["config_groups"]["group_0"]["input_activations"]["strategy"] == "token"
+
+    spec = ServingSpec.load(out)
+    assert spec.quantization == "int8" and spec.precision("float32") == "int8"
+    assert ServingSpec.load(model_dir).precision("float32") == "float32"
+    assert spec.model_name == "tiny-int8" and adapter_of(out) == "tiny"
+    assert spec.label_sets["meld"].calibration.fitted_on == "int8"
+    assert spec.label_sets["iemocap"].calibration.fitted_on == "float"  # none fitted: the float one
+    with pytest.raises(WeightsError, match="already quantized"):
+        quantize_int8(out, tmp_path / "again")
+
+    # `erc calibrate` of the int8 build: its own erc.json serves the fit, the adapter keeps it apart.
+    spec.label_sets["iemocap"].calibration = _calibration(n_iemocap, 0.4, "int8 refit")
+    store_calibration(spec, out, [model_dir])
+    adapter = ServingSpec.load(model_dir).label_sets["iemocap"]
+    assert adapter.calibration.fitted_on == "float" and adapter.calibration_int8.fitted_on == "int8 refit"
+    assert ServingSpec.load(out).label_sets["iemocap"].calibration.fitted_on == "int8 refit"
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
 def test_shipped_configs_parse(name):
     config = TrainConfig.load(CONFIGS / name)

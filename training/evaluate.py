@@ -133,6 +133,7 @@ async def evaluate_async(
                 "wall_s": round(wall, 1),
                 "utterances_per_s": round(len(items) / wall, 2),
                 "dtype": devices.resolve_dtype(settings.dtype),
+                "precision": spec.precision(devices.resolve_dtype(settings.dtype)),
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "commit": provenance.commit(),
                 "machine": provenance.machine(),
@@ -183,14 +184,26 @@ def calibrate(model_dir: Path, settings: Settings, out_dir: Path, also: list[Pat
         labels = report["labels"]
         gold = [labels.index(g) for g in report["gold"]]
         spec.label_sets[report["label_set"]].calibration = fit(
-            report["distributions"], gold, f"{report['dataset']} {report['split']}, {report['count']} utterances"
+            report["distributions"],
+            gold,
+            f"{report['dataset']} {report['split']}, {report['count']} utterances, {report['precision']} engine",
         )
+    store_calibration(spec, model_dir, also)
+    return {name: entry.calibration.model_dump() for name, entry in spec.label_sets.items() if entry.calibration}
+
+
+def store_calibration(spec: Any, model_dir: Path, also: list[Path] = ()) -> None:
+    """Write ``spec``'s calibrations (fitted on ``model_dir``) into the erc.json of ``model_dir``
+    and of ``also``. A committed adapter keeps an int8 build's as its ``calibration_int8``,
+    apart from the float one its float merge serves."""
+    from service.spec import ServingSpec
+
     for folder in (model_dir, *also):
         target = ServingSpec.load(folder)
+        field = "calibration_int8" if spec.quantization and folder != model_dir else "calibration"
         for name, entry in spec.label_sets.items():
-            target.label_sets[name].calibration = entry.calibration
+            setattr(target.label_sets[name], field, entry.calibration)
         target.save(folder)
-    return {name: entry.calibration.model_dump() for name, entry in spec.label_sets.items() if entry.calibration}
 
 
 def scores_file(precision: str) -> str:
@@ -203,7 +216,7 @@ def scores_table(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """The figures a model card quotes, keyed ``"<dataset> <split>"`` (what the suite re-checks),
     with the engine's ``precision``: float32 and bfloat16 round differently enough to move a
     figure, so a card holds one table per precision the service serves by default."""
-    (precision,) = {r["dtype"] for r in reports}
+    (precision,) = {r["precision"] for r in reports}
     out: dict[str, Any] = {"precision": precision}
     for r in reports:
         out[f"{r['dataset']} {r['split']}"] = {
