@@ -156,6 +156,9 @@ def quantize_int8(model_dir: Path, out_dir: Path) -> Path:
     spec = ServingSpec.load(model_dir)
     if spec.quantization:
         raise WeightsError(f"{model_dir} is already quantized ({spec.quantization})")
+    if not (model_dir / "model.safetensors").is_file():
+        # save_pretrained shards checkpoints over 5 GB; ours (135M parameters) are one file.
+        raise WeightsError(f"{model_dir} has no single model.safetensors to quantize")
     tmp = _atomic_dir(out_dir)
     for file in model_dir.iterdir():
         if file.is_file() and file.name not in ("model.safetensors", "config.json", SPEC_FILE):
