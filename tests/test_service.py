@@ -400,6 +400,50 @@ def test_single_predictions_are_not_starved_by_a_batch(live, data_dir):
     assert finished_singles < done["t"], "the single predictions waited for the whole batch"
 
 
+def test_int8_build_serves_its_label_sets_close_to_the_float_engine(live, settings, data_dir, tmp_path):
+    """`erc weights build --int8` quantizes the default to weights/<name>-int8 (W8A8), which
+    `ERC_MODEL_DIR` serves: it names itself in every answer, serves the same label sets, and
+    answers the float engine's labels on a real dialogue batch with distributions close to its
+    own. The card figures of that build are scores-int8.json (the card test, served with it)."""
+    from bench.launcher import ServerProcess, free_port
+    from service.weights import INT8_SUFFIX
+
+    float_dir = live.app.state.service.engine.model_dir
+    int8_dir = require(float_dir.with_name(float_dir.name + INT8_SUFFIX), "run `erc weights build --int8`")
+    dialogues = [_api(d) for d in load_split(data_dir, "meld", "test", "csv")[10:16]]
+    # Eager: this check is of the numbers, and an engine compiled on an empty cache takes minutes.
+    env = {"ERC_MODEL_DIR": str(int8_dir), "ERC_ENFORCE_EAGER": "true", "ERC_KV_CACHE_GIB": "1"}
+    server = ServerProcess(free_port(), env=env, log=tmp_path / "int8.log")
+    try:
+        server.wait_ready(400)
+        ready = httpx.get(f"{server.base}/ready", timeout=10).json()
+        assert ready["label_sets"] == live.get("/ready").json()["label_sets"]
+        got = httpx.post(f"{server.base}/predict_dialogue", json={"dialogues": dialogues}, timeout=300)
+        assert got.status_code == 200, got.text
+        one = httpx.post(f"{server.base}/predict", json={"dialogue": dialogues[0]}, timeout=60).json()
+    finally:
+        server.stop()
+    want = live.post("/predict_dialogue", json={"dialogues": dialogues}).json()
+    assert got.json()["model"] == one["model"] == want["model"] + INT8_SUFFIX
+    pairs = [
+        (a, b)
+        for x, y in zip(got.json()["results"], want["results"])
+        for a, b in zip(x["predictions"], y["predictions"], strict=True)
+    ]
+    for a, _ in pairs:
+        _check_distribution(a)
+    agree = sum(a["label"] == b["label"] for a, b in pairs) / len(pairs)
+    # Total variation between the two distributions of each utterance.
+    distance = [sum(abs(a["scores"][k] - b["scores"][k]) for k in MELD) / 2 for a, b in pairs]
+    print(
+        f"\n[int8] {len(pairs)} utterances: labels agree {agree:.1%}, total variation mean "
+        f"{sum(distance) / len(distance):.3f}, max {max(distance):.3f}"
+    )
+    assert agree >= 0.8, agree
+    # Measured 0.072 (labels 92.6%) on these 54, each build with its own calibration.
+    assert sum(distance) / len(distance) <= 0.12, distance
+
+
 def test_a_hung_engine_turns_health_503_and_recovers(live):
     """The watchdog: with work pending and no engine step for ERC_ENGINE_STALL_S (here 2 s),
     /health answers 503 so the orchestrator restarts the pod; a core that resumes is healthy."""
@@ -451,47 +495,3 @@ def test_engine_death_turns_health_503_and_requests_fail_fast(live):
     assert response.status_code == 503 and "died" in response.json()["detail"][0]["msg"]
     assert time.monotonic() - start < 2
     assert "erc_engine_alive 0.0" in live.get("/metrics").text
-
-
-def test_int8_build_serves_its_label_sets_close_to_the_float_engine(live, settings, data_dir, tmp_path):
-    """`erc weights build --int8` quantizes the default to weights/<name>-int8 (W8A8), which
-    `ERC_MODEL_DIR` serves: it names itself in every answer, serves the same label sets, and
-    answers the float engine's labels on a real dialogue batch with distributions close to its
-    own. The card figures of that build are scores-int8.json (the card test, served with it)."""
-    from bench.launcher import ServerProcess, free_port
-    from service.weights import INT8_SUFFIX
-
-    float_dir = live.app.state.service.engine.model_dir
-    int8_dir = require(float_dir.with_name(float_dir.name + INT8_SUFFIX), "run `erc weights build --int8`")
-    dialogues = [_api(d) for d in load_split(data_dir, "meld", "test", "csv")[10:16]]
-    # Eager: this check is of the numbers, and an engine compiled on an empty cache takes minutes.
-    env = {"ERC_MODEL_DIR": str(int8_dir), "ERC_ENFORCE_EAGER": "true", "ERC_KV_CACHE_GIB": "1"}
-    server = ServerProcess(free_port(), env=env, log=tmp_path / "int8.log")
-    try:
-        server.wait_ready(400)
-        ready = httpx.get(f"{server.base}/ready", timeout=10).json()
-        assert ready["label_sets"] == live.get("/ready").json()["label_sets"]
-        got = httpx.post(f"{server.base}/predict_dialogue", json={"dialogues": dialogues}, timeout=300)
-        assert got.status_code == 200, got.text
-        one = httpx.post(f"{server.base}/predict", json={"dialogue": dialogues[0]}, timeout=60).json()
-    finally:
-        server.stop()
-    want = live.post("/predict_dialogue", json={"dialogues": dialogues}).json()
-    assert got.json()["model"] == one["model"] == want["model"] + INT8_SUFFIX
-    pairs = [
-        (a, b)
-        for x, y in zip(got.json()["results"], want["results"])
-        for a, b in zip(x["predictions"], y["predictions"], strict=True)
-    ]
-    for a, _ in pairs:
-        _check_distribution(a)
-    agree = sum(a["label"] == b["label"] for a, b in pairs) / len(pairs)
-    # Total variation between the two distributions of each utterance.
-    distance = [sum(abs(a["scores"][k] - b["scores"][k]) for k in MELD) / 2 for a, b in pairs]
-    print(
-        f"\n[int8] {len(pairs)} utterances: labels agree {agree:.1%}, total variation mean "
-        f"{sum(distance) / len(distance):.3f}, max {max(distance):.3f}"
-    )
-    assert agree >= 0.8, agree
-    # Measured 0.072 (labels 92.6%) on these 54, each build with its own calibration.
-    assert sum(distance) / len(distance) <= 0.12, distance
