@@ -159,16 +159,27 @@ def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (weight / scale).round().clamp(-127, 127).to(torch.int8).contiguous(), scale.contiguous()
 
 
-def quantize_int8(model_dir: Path, out_dir: Path) -> Path:
+def int8_spec(spec: ServingSpec) -> ServingSpec:
+    """The ``erc.json`` of an int8 build of a model declaring ``spec``: each label set served
+    with its ``calibration_int8`` where one was fitted, else the float calibration (which
+    measured 0.47 F1 low on MELD test)."""
+    out = spec.model_copy(deep=True)
+    out.quantization = "int8"
+    out.model_name += INT8_SUFFIX
+    for entry in out.label_sets.values():
+        entry.calibration = entry.calibration_int8 or entry.calibration
+    return out
+
+
+def quantize_int8(model_dir: Path, out_dir: Path, spec: ServingSpec | None = None) -> Path:
     """Write ``model_dir`` (a float checkpoint) as an int8 W8A8 checkpoint vLLM serves: each
     linear layer's weight rounded to int8 per output channel (scale = the row's absolute maximum
-    / 127). Its ``erc.json`` serves each label set's ``calibration_int8`` where one was fitted,
-    else the float calibration (which measured 0.47 F1 low on MELD test)."""
+    / 127), with :func:`int8_spec` of ``spec`` (default: ``model_dir``'s own ``erc.json``)."""
     from safetensors.torch import load_file, save_file
 
-    spec = ServingSpec.load(model_dir)
-    if spec.quantization:
-        raise WeightsError(f"{model_dir} is already quantized ({spec.quantization})")
+    source = ServingSpec.load(model_dir)
+    if source.quantization:
+        raise WeightsError(f"{model_dir} is already quantized ({source.quantization})")
     if not (model_dir / "model.safetensors").is_file():
         # save_pretrained shards checkpoints over 5 GB; ours (135M parameters) are one file.
         raise WeightsError(f"{model_dir} has no single model.safetensors to quantize")
@@ -186,11 +197,7 @@ def quantize_int8(model_dir: Path, out_dir: Path) -> Path:
     config = json.loads((model_dir / "config.json").read_text())
     config["quantization_config"] = _INT8_CONFIG
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    spec.quantization = "int8"
-    spec.model_name += INT8_SUFFIX
-    for entry in spec.label_sets.values():
-        entry.calibration = entry.calibration_int8 or entry.calibration
-    spec.save(tmp)
+    int8_spec(spec or source).save(tmp)
     _commit_dir(tmp, out_dir)
     return out_dir
 
@@ -257,9 +264,12 @@ def build_all(weights_root: Path, force: bool = False, int8: bool = False) -> li
     served = default_model_dir(weights_root)
     if int8 and served.name != BASE_NAME:
         quantized = served.with_name(served.name + INT8_SUFFIX)
-        if force or served.name in rebuilt or not (quantized / SPEC_FILE).is_file():
-            quantize_int8(served, quantized)
-            spec = ServingSpec.load(weights_root / ADAPTERS / served.name)
+        # The committed adapter, not its merge's copy, holds the calibrations: a merge built before
+        # `calibration_int8` was fitted (or pulled) carries none, and the build must not miss it.
+        spec = ServingSpec.load(weights_root / ADAPTERS / served.name)
+        present = ServingSpec.load(quantized) if (quantized / SPEC_FILE).is_file() else None
+        if force or served.name in rebuilt or present != int8_spec(spec):
+            quantize_int8(served, quantized, spec)
             fitted = all(e.calibration_int8 for e in spec.label_sets.values())
             done.append(f"int8     {quantized}" + ("" if fitted else " (float calibration: none fitted for int8)"))
         else:

@@ -223,6 +223,37 @@ def test_int8_build_rounds_each_projection_per_channel_and_serves_its_own_calibr
     assert ServingSpec.load(out).label_sets["iemocap"].calibration.fitted_on == "int8 refit"
 
 
+def test_int8_build_takes_its_calibration_from_the_committed_adapter(tokenizer, tmp_path):
+    """A merge built before the adapter's ``calibration_int8`` was fitted (or pulled) carries
+    none: `erc weights build --int8` must still serve the adapter's, and rebuild when it moves."""
+    from service.spec import LabelSetSpec
+    from service.weights import build_all
+
+    root = tmp_path / "weights"
+    (root / "base").mkdir(parents=True)
+    ServingSpec(model_name="base").save(root / "base")
+    adapter, merged = root / "adapters" / "tiny", root / "tiny"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    n = len(LABEL_SETS["meld"])
+    float_only = ServingSpec(
+        model_name="tiny", label_sets={"meld": LabelSetSpec(calibration=_calibration(n, 0.1, "float"))}
+    )
+    tiny_llama(tokenizer).save_pretrained(merged)
+    float_only.save(merged)  # the merge, built before int8 was calibrated
+    float_only.label_sets["meld"].calibration_int8 = _calibration(n, 0.2, "int8")
+    float_only.save(adapter)
+
+    lines = build_all(root, int8=True)
+    assert lines[-1] == f"int8     {root / 'tiny-int8'}", lines
+    assert ServingSpec.load(root / "tiny-int8").label_sets["meld"].calibration.fitted_on == "int8"
+    assert build_all(root, int8=True)[-1] == f"present  {root / 'tiny-int8'}"
+    float_only.label_sets["meld"].calibration_int8 = _calibration(n, 0.3, "int8 refit")
+    float_only.save(adapter)
+    assert build_all(root, int8=True)[-1].startswith("int8     ")
+    assert ServingSpec.load(root / "tiny-int8").label_sets["meld"].calibration.fitted_on == "int8 refit"
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
 def test_shipped_configs_parse(name):
     config = TrainConfig.load(CONFIGS / name)
