@@ -30,13 +30,13 @@ RUN if ls /tmp/build-extra/*.crt >/dev/null 2>&1; then \
     fi \
     && python3 -m venv /opt/venv
 COPY deploy/requirements-cpu.lock /tmp/requirements-cpu.lock
-# uv installs the lock (hashes required, no resolution) in parallel: pip took 152 s for this step
-# here. unsafe-best-match: torch's +cpu build comes from the find-links folder or the PyTorch
+# uv installs the lock (hashes required, no resolution) in parallel, faster than pip (deploy/README.md,
+# Measured). unsafe-best-match: torch's +cpu build comes from the find-links folder or the PyTorch
 # index while PyPI has a plain torch 2.13.0 (the same flag deploy/lock.sh resolves with). uv is a
 # build tool of this stage only; the venv gets no uv. --compile-bytecode: the runtime cannot
 # write .pyc files (read-only root), and three processes import torch and vLLM at every start.
 # chmod in the same RUN as the install: in a later RUN it would copy every file of the venv into
-# a new 2.9 GB layer (overlayfs copies a file up on any metadata change; measured: 70 s).
+# a new layer as large as the venv (overlayfs copies a file up on any metadata change).
 RUN pip install uv==0.13.9 \
     && if [ -f /tmp/build-ca.pem ]; then export SSL_CERT_FILE=/tmp/build-ca.pem; fi \
     && uv pip install --python /opt/venv/bin/python --no-cache --no-deps --require-hashes --compile-bytecode \
@@ -74,7 +74,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp \
 # Python headers: a runtime need, not build tools: the engine compiles the model on this host at
 # its first start (torch.compile, whose inductor backend emits C++ including Python.h on CPU;
 # without them the engine dies) and reloads it from the compile cache afterwards.
-# ERC_ENFORCE_EAGER=true runs without them, at about 0.6x the throughput.
+# ERC_ENFORCE_EAGER=true runs without them, at a lower throughput (docs/performance.md).
 # /cache: the compile cache, where a volume is mounted (deploy/entrypoint.sh, compose.yaml);
 # owned by the service user so that a fresh named volume is writable by it.
 # hadolint ignore=DL3008
@@ -95,7 +95,7 @@ EXPOSE 8000
 # The check asks /ready, not /health: Docker has one health state, and what reads it (compose's
 # depends_on, a swarm's routing) needs "serves requests", which a container still compiling its
 # model or draining does not. start-period 600 s: a first start (imports, then the model
-# compiled) takes 2-10 minutes on a busy 2-core machine; failed checks in that window do not
+# compiled) takes minutes on a small, busy CPU machine; failed checks in that window do not
 # count (the Kubernetes startup probe allows 10 minutes too).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=600s --retries=3 \
     CMD ["sh", "-c", "curl -fsS -o /dev/null http://127.0.0.1:${ERC_PORT:-8000}/ready"]

@@ -3,8 +3,8 @@
 # hand the process to the server (exec: it receives SIGTERM and drains).
 set -eu
 # The compile cache, kept where a volume is mounted at /cache (compose.yaml): the engine then
-# reloads its compiled model at a restart (about 35 s to /ready) instead of compiling it again
-# (about 130 s). Without one (a read-only root, /tmp a tmpfs) it stays under HOME=/tmp. Per
+# reloads its compiled model at a restart instead of compiling it again (several times slower;
+# docs/performance.md). Without one (a read-only root, /tmp a tmpfs) it stays under HOME=/tmp. Per
 # host: the compiled kernels are for this machine's CPU, so the cache is not baked into the image.
 if [ -w /cache ]; then
     export VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-/cache/vllm}"

