@@ -5,14 +5,14 @@ vLLM saves the compiled model with torch's AOT precompile and reloads it at the 
 stock inductor (compilation mode ``DYNAMO_TRACE_ONCE``), so torch wraps it in a
 ``BundledAOTAutogradSerializableCallable``, whose loader returns a plain function. vLLM's loader
 then calls ``finalize_loading`` on it, a method only its own backend's artifact has, fails with
-"'function' object has no attribute 'finalize_loading'" and compiles again (about a minute on 2
-cores). The stock artifact needs no finalizing: it is complete once torch has loaded it.
+"'function' object has no attribute 'finalize_loading'" and compiles again (the slowest part of a
+start on CPU). The stock artifact needs no finalizing: it is complete once torch has loaded it.
 
 :func:`register` is a vLLM general plugin (entry point ``vllm.general_plugins``), which vLLM
 runs in every process it starts, the engine core and its workers included, before the model
 is compiled or loaded. It gives the loaded function the no-op ``finalize_loading`` vLLM expects.
 Upstream disabled AOT compile on CPU instead (vllm-project/vllm#32037); that costs the reload
-(every start re-traces the model, ~17 s here) and is the fallback: ``VLLM_USE_AOT_COMPILE=0``.
+(every start re-traces the model; docs/performance.md) and is the fallback: ``VLLM_USE_AOT_COMPILE=0``.
 """
 
 from __future__ import annotations

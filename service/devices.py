@@ -30,9 +30,9 @@ BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 def resolve_dtype(dtype: str) -> str:
     """``auto``: bfloat16 where the hardware computes it natively (a GPU that supports it, a CPU
     with AMX or AVX-512 BF16), else float32; anything else as given. Without those CPU features
-    bfloat16 is emulated: on the 2-core Xeon of 2026-12-01 (AVX-512F, no BF16) a 2048x2048 matrix
-    product ran at 38 GFLOP/s in bfloat16 against 192 in float32, while an AMX host of 2026-11-26
-    ran bfloat16 about 3x faster than float32."""
+    bfloat16 is emulated, several times slower than float32, while a CPU with AMX computes
+    bfloat16 faster than float32: a fixed default would be wrong on one of them (the figures:
+    docs/performance.md)."""
     if dtype != "auto":
         return dtype
     import torch

