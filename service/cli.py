@@ -477,6 +477,59 @@ def bench(
     )
 
 
+@app.command("label")
+def label_command(
+    input: Annotated[Path, typer.Argument(help="JSONL (one dialogue per line, the API's shape), CSV or Parquet.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="OUTPUT.jsonl or OUTPUT.parquet, one row per utterance.")
+    ],
+    url: Annotated[
+        Optional[str], typer.Option(help="Label through a running service or balancer (key: ERC_API_KEY).")
+    ] = None,
+    ray: Annotated[Optional[str], typer.Option(help="Label on Ray: a cluster address, auto, or local.")] = None,
+    concurrency: Annotated[
+        Optional[int], typer.Option(min=1, help="--url: requests in flight (8); --ray: actors (1).")
+    ] = None,
+    label_set: Annotated[Optional[str], typer.Option(help="meld, iemocap or emorynlp (default: the model's).")] = None,
+    input_format: Annotated[Optional[str], typer.Option(help="jsonl, csv or parquet (default: by suffix).")] = None,
+    id_column: Annotated[str, typer.Option(help="CSV/Parquet: dialogue id column.")] = "Dialogue_ID",
+    order_column: Annotated[
+        str, typer.Option(help="CSV/Parquet: turn order column ('' keeps file order).")
+    ] = "Utterance_ID",
+    speaker_column: Annotated[str, typer.Option(help="CSV/Parquet: speaker column.")] = "Speaker",
+    text_column: Annotated[str, typer.Option(help="CSV/Parquet: utterance text column.")] = "Utterance",
+    chunk_size: Annotated[int, typer.Option(min=1, help="Utterances per committed chunk.")] = 256,
+    inflight: Annotated[int, typer.Option(min=1, help="Chunks held at once (a crash loses at most these).")] = 2,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run, after its last committed chunk.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an OUTPUT that exists.")] = False,
+    progress: Annotated[bool, typer.Option(help="Progress bar on stderr.")] = True,
+    stats_json: Annotated[Optional[Path], typer.Option(help="Also write the run's counts as JSON here.")] = None,
+    actor_cpus: Annotated[float, typer.Option(help="--ray: CPUs each actor reserves.")] = 1.0,
+) -> None:
+    """Label every utterance of a corpus (docs/labelling.md): in-process, --url or --ray."""
+    from labeling.cli import main as label_main
+    from labeling.readers import Columns
+
+    columns = Columns(id_column, order_column or None, speaker_column, text_column)
+    label_main(
+        input,
+        output,
+        url=url,
+        ray=ray,
+        concurrency=concurrency,
+        label_set=label_set,
+        input_format=input_format,
+        columns=columns,
+        chunk_size=chunk_size,
+        inflight=inflight,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+        stats_json=stats_json,
+        actor_cpus=actor_cpus,
+    )
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,243 @@
+"""``erc label``: readers, errors file, crash-safe store and resume, flat memory (an engine
+double), then the real engine: in-process against ``/predict_dialogue``, ``--url`` against a
+service admitting one request at a time, SIGKILL and ``--resume``, and a local Ray actor."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labeling.backends import LabelRunError, Outcome
+from labeling.readers import Columns, CsvReader, chunks
+from labeling.run import Options, label
+from labeling.store import errors_path, parts_dir
+from service.labels import LABEL_SETS
+from service.schemas import Prediction
+
+MELD = LABEL_SETS["meld"]
+ERC = str(Path(sys.executable).with_name("erc"))
+
+
+class Double:
+    """An engine double: the label of an utterance is fixed by its text's length."""
+
+    model, label_set = "double", "meld"
+    labels = tuple(MELD)
+
+    def __init__(self, fail_after_chunks: int | None = None) -> None:
+        self.calls = 0
+        self.fail_after = fail_after_chunks
+        self.closed = False
+        self.predictions = [
+            Prediction(label=MELD[k], scores={label: float(i == k) for i, label in enumerate(MELD)})
+            for k in range(len(MELD))
+        ]
+
+    async def start(self) -> None:
+        pass
+
+    async def label(self, dialogues):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise LabelRunError("the double's service went away")
+        out = []
+        for d in dialogues:
+            if any(t.text == "too long" for t in d.turns):
+                out.append(Outcome(error="prompt of 9999 tokens exceeds the model's limit of 2048 (ERC_MAX_MODEL_LEN)"))
+                continue
+            # One shared prediction per label: the double must cost next to nothing per utterance.
+            out.append(Outcome([self.predictions[len(t.text) % len(MELD)] for t in d.turns], model=self.model))
+        return out
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def stats(self):
+        return {}
+
+
+def _jsonl(path: Path, lines: list) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def _rows(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _dialogue(i: int, turns: int = 3) -> dict:
+    return {
+        "id": f"d{i}",
+        "turns": [{"speaker": "ab"[t % 2], "text": f"utterance {i}.{t}" + "!" * t} for t in range(turns)],
+    }
+
+
+def test_jsonl_rows_in_input_order_and_bad_records_in_the_errors_file(tmp_path):
+    lines = [
+        _dialogue(0),
+        "{not json",
+        {"id": "d2", "turns": [{"speaker": "a", "text": "  "}]},
+        {"turns": [{"speaker": "a", "text": "no id"}]},
+        "",
+        {"id": "d5", "turns": [{"speaker": "a", "text": "too long"}]},
+        {"id": "d6", "turns": [{"speaker": "a", "text": "x"}] * 1001},
+        _dialogue(7, 5),
+    ]
+    src = _jsonl(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    backend = Double()
+    summary = label(Options(src, out, chunk_utterances=2, progress=False), backend, "double")
+    rows = _rows(out)
+    assert [(r["dialogue_id"], r["turn"]) for r in rows] == [("d0", t) for t in range(3)] + [("line-4", 0)] + [
+        ("d7", t) for t in range(5)
+    ]
+    assert set(rows[0]) == {"dialogue_id", "turn", "speaker", "label", "scores", "label_set", "model"}
+    assert rows[0]["speaker"] == "a" and rows[0]["model"] == "double" and rows[0]["label_set"] == "meld"
+    assert set(rows[0]["scores"]) == set(MELD) and rows[0]["label"] == MELD[len("utterance 0.0") % 7]
+    errors = _rows(errors_path(out))
+    assert [e["line"] for e in errors] == [2, 3, 6, 7]
+    assert "invalid JSON" in errors[0]["reason"]
+    assert errors[1]["dialogue_id"] is None and "turns.0.text" in errors[1]["reason"] and "empty" in errors[1]["reason"]
+    assert "ERC_MAX_MODEL_LEN" in errors[2]["reason"] and errors[2]["dialogue_id"] == "d5"
+    assert "turns" in errors[3]["reason"] and "1000" in errors[3]["reason"]
+    assert (summary.dialogues, summary.utterances, summary.errors) == (3, 9, 4)
+    assert not parts_dir(out).exists() and backend.closed
+    text = "\n".join(summary.lines())
+    assert "3 dialogues, 9 utterances; 4 errors" in text and "utterances/s" in text
+
+
+def test_meld_csv_reads_as_the_service_reads_it_with_its_own_column_names(data_dir):
+    from service.data import load_split
+
+    path = data_dir / "MELD" / "test_sent_emo.csv"
+    records = list(CsvReader(path, Columns()).records())
+    expected = load_split(data_dir, "meld", "test", "csv")
+    assert all(r.error is None for r in records) and len(records) == len(expected)
+    for record, dialogue in zip(records, expected):
+        assert record.dialogue_id == dialogue.id
+        assert [t.text for t in record.dialogue.turns] == [t.text for t in dialogue.turns]
+        assert [t.speaker.strip() for t in record.dialogue.turns] == [t.speaker for t in dialogue.turns]
+
+
+def test_csv_rows_out_of_order_are_sorted_and_a_non_contiguous_dialogue_is_refused(tmp_path):
+    path = tmp_path / "in.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["conv", "n", "who", "said"])
+        w.writerows(
+            [
+                ["a", 1, "x", "second"],
+                ["a", 0, "y", "first"],
+                ["b", 0, "x", "b0"],
+                ["a", 2, "x", "late"],
+                ["c", 0, "x", ""],
+            ]
+        )
+    records = list(CsvReader(path, Columns("conv", "n", "who", "said")).records())
+    assert [t.text for t in records[0].dialogue.turns] == ["first", "second"] and records[0].line == 2
+    assert records[1].dialogue_id == "b" and records[1].error is None
+    assert "not contiguous" in records[2].error and "line 5" in records[2].error and "line 2" in records[2].error
+    assert records[3].error.startswith("turns.0.text (line 6)")
+    assert [r.ordinal for r in records] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="no column 'Dialogue_ID'"):
+        list(CsvReader(path, Columns()).records())
+
+
+def test_parquet_in_and_out(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"d": [7, 7, 8], "o": [0, 1, 0], "s": ["a", "b", "a"], "t": ["hi", "hello", None]}), src)
+    out = tmp_path / "out.parquet"
+    summary = label(Options(src, out, columns=Columns("d", "o", "s", "t"), progress=False), Double(), "double")
+    rows = _rows(out)
+    assert [(r["dialogue_id"], r["turn"], r["speaker"]) for r in rows] == [("7", 0, "a"), ("7", 1, "b")]
+    assert list(rows[0]["scores"]) == list(MELD)  # a struct in the label set's order
+    assert _rows(errors_path(out))[0]["row"] == 3 and summary.errors == 1
+
+
+def test_a_crash_loses_only_uncommitted_chunks_and_resume_labels_each_utterance_once(tmp_path):
+    src = _jsonl(tmp_path / "in.jsonl", [_dialogue(i, 2) for i in range(20)] + ["{bad"])
+    out = tmp_path / "out.jsonl"
+    options = Options(src, out, chunk_utterances=4, inflight=2, progress=False)
+    with pytest.raises(LabelRunError):
+        label(options, Double(fail_after_chunks=3), "double")
+    manifest = json.loads((parts_dir(out) / "manifest.json").read_text())
+    assert manifest["next_ordinal"] in (4, 6) and not out.exists()
+    # A part left by a crash between its rename and the manifest's is not counted twice.
+    (parts_dir(out) / f"part-{manifest['next_chunk']:06d}.jsonl").write_text('{"torn": ')
+    with pytest.raises(ValueError, match="pass --resume"):
+        label(options, Double(), "double")
+    options.resume = True
+    summary = label(options, Double(), "double")
+    keys = [(r["dialogue_id"], r["turn"]) for r in _rows(out)]
+    assert keys == [(f"d{i}", t) for i in range(20) for t in range(2)]
+    assert summary.resumed_from == manifest["next_ordinal"] and summary.errors == 1
+    with pytest.raises(ValueError, match="complete"):
+        label(options, Double(), "double")
+
+
+def test_resume_refuses_a_changed_input(tmp_path):
+    src = _jsonl(tmp_path / "in.jsonl", [_dialogue(i) for i in range(6)])
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(LabelRunError):
+        label(Options(src, out, chunk_utterances=3, progress=False), Double(fail_after_chunks=2), "double")
+    _jsonl(src, [_dialogue(i) for i in range(7)])
+    with pytest.raises(ValueError, match="input_size"):
+        label(Options(src, out, chunk_utterances=3, progress=False, resume=True), Double(), "double")
+
+
+def test_chunks_never_split_a_dialogue():
+    from labeling.readers import Record
+    from service.schemas import DialogueIn
+
+    records = [
+        Record(i, i + 1, str(i), DialogueIn.model_validate(_dialogue(i, n))) for i, n in enumerate([3, 1, 4, 1, 5])
+    ]
+    cut = list(chunks(records, max_utterances=4, max_dialogues=100))
+    assert [[r.ordinal for r in c] for c in cut] == [[0, 1], [2], [3, 4]]
+
+
+MEMORY_RUN = """
+import asyncio, json, resource, sys
+from pathlib import Path
+from labeling.run import Options, label
+from tests.test_label import Double
+n, folder = int(sys.argv[1]), Path(sys.argv[2])
+src = folder / f"in-{n}.csv"
+with src.open("w") as fh:
+    fh.write("Dialogue_ID,Utterance_ID,Speaker,Utterance\\n")
+    for i in range(n):
+        fh.write(f"{i // 20},{i % 20},S{i % 3},utterance number {i} of a synthetic corpus\\n")
+summary = label(Options(src, folder / f"out-{n}.jsonl", progress=False, chunk_utterances=4096), Double(), "double")
+assert summary.utterances == n, summary
+print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "s": summary.seconds}))
+"""
+
+
+def test_memory_stays_flat_from_ten_thousand_to_a_million_utterances(tmp_path):
+    def run(n: int) -> dict:
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_RUN, str(n), str(tmp_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    small, large = run(10_000), run(1_000_000)
+    figures = f"{small['maxrss_mb']:.1f} MB at 10,000, {large['maxrss_mb']:.1f} MB at 1,000,000 ({large['s']:.1f} s)"
+    print(f"peak RSS: {figures}")
+    assert large["maxrss_mb"] - small["maxrss_mb"] < 50, (small, large)
+    assert sum(1 for _ in (tmp_path / "out-1000000.jsonl").open()) == 1_000_000
