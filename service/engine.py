@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from service import devices, metrics, start_method
+from service import devices, engine_process, metrics, start_method
 from service.decoding import LabelCodec, encode_prompt, normalise
 from service.settings import Settings
 
@@ -38,7 +38,12 @@ def _after_fork_in_parent() -> None:
         callback()
 
 
-os.register_at_fork(after_in_parent=_after_fork_in_parent, after_in_child=start_method.bind_forked_worker)
+def _after_fork_in_child() -> None:
+    start_method.bind_forked_worker()
+    engine_process.guard(forked=True)
+
+
+os.register_at_fork(after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 class EngineUnavailable(RuntimeError):
@@ -77,6 +82,10 @@ class TokenBudget:
 
 class EngineFailed(RuntimeError):
     """The engine died while serving a request (500: the work had started; not to be replayed)."""
+
+
+class SharedMemoryTooSmall(RuntimeError):
+    """/dev/shm cannot hold even the smallest message queues vLLM's processes exchange steps through."""
 
 
 class PromptTooLong(ValueError):
@@ -159,6 +168,8 @@ class Engine:
         self.tokenizer: Any = None
         self._codecs: dict[tuple[str, ...], LabelCodec] = {}
         self.budget = TokenBudget(settings.max_inflight_tokens)
+        #: Created when the engine starts; its existence lets the engine's processes stop.
+        self._stop_file: Path | None = None
         #: Engine requests submitted and not yet finished, and when one last finished.
         self.pending = 0
         self._finished_at = time.monotonic()
@@ -185,8 +196,9 @@ class Engine:
             # The CPU's default block of 128 tokens is as long as a whole prompt; 32 (a multiple
             # of 32 is required there) lets utterances of a dialogue share their history.
             block_size=s.block_size or (32 if cpu else None),
-            # A step of 512 new tokens keeps the CPU's matrix products efficient, and the warm-up
-            # run at every start (one step of this size on one core) takes 2 s instead of 14.
+            # A step of 512 new tokens keeps the CPU's matrix products efficient and the warm-up
+            # run at every start (one step of this size on one core) short: vLLM's 2048 made it
+            # several times longer (docs/performance.md).
             max_num_batched_tokens=s.max_num_batched_tokens or (512 if cpu else None),
             max_num_seqs=s.max_num_seqs,
             enforce_eager=s.enforce_eager,
@@ -214,6 +226,11 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         cpu = _on_cpu()
+        if cpu:
+            why = engine_process.shm_shortfall()
+            if why is not None:
+                raise SharedMemoryTooSmall(why)
+        self._stop_file = engine_process.own_lifetime()
         if processes is not None:
             if cpu and self.start_method == "fork":
                 loop = asyncio.get_running_loop()
@@ -242,9 +259,14 @@ class Engine:
         metrics.ENGINE_ALIVE.set(1)
 
     async def shutdown(self) -> None:
+        if self._stop_file is not None:
+            engine_process.request_stop(self._stop_file)
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+        if self._stop_file is not None:
+            engine_process.release(self._stop_file)
+            self._stop_file = None
         metrics.ENGINE_ALIVE.set(0)
 
     @property

@@ -1,9 +1,14 @@
 """Running the app under uvicorn with a graceful drain on SIGTERM.
 
-On SIGTERM the replica reports not ready and answers new work with 503 (so a balancer with
-``proxy_next_upstream http_503`` retries it elsewhere) for at least ``ERC_DRAIN_GRACE_S``, waits
-for in-flight requests to finish (at most ``ERC_DRAIN_TIMEOUT_S``), then shuts down. A second
-SIGTERM, or SIGINT, stops at once the uvicorn way.
+On SIGTERM or SIGINT the replica reports not ready and answers new work with 503 (so a balancer
+with ``proxy_next_upstream http_503`` retries it elsewhere) for at least ``ERC_DRAIN_GRACE_S``,
+waits for in-flight requests to finish (at most ``ERC_DRAIN_TIMEOUT_S``), then shuts down and
+stops the engine. The same holds when the signal goes to the whole process group: the engine's
+processes leave their lifetime to the server (:mod:`service.engine_process`). A second signal
+stops at once the uvicorn way.
+
+A start that fails (model, indexes or engine cannot load) exits with a non-zero status after
+logging the cause and the fix (:mod:`service.startup`).
 """
 
 from __future__ import annotations
@@ -37,9 +42,9 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and not self.state.draining and self._loop is not None:
+        if sig in (signal.SIGTERM, signal.SIGINT) and not self.state.draining and self._loop is not None:
             self.state.draining = True
-            log.info("SIGTERM: draining (%d requests in flight)", self.state.inflight)
+            log.info("%s: draining (%d requests in flight)", signal.Signals(sig).name, self.state.inflight)
             self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
             return
         super().handle_exit(sig, frame)
@@ -72,4 +77,9 @@ def serve(settings: Settings, host: str, port: int) -> None:
         access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s),
     )
-    DrainingServer(config, app.state.service, settings).run()
+    state = app.state.service
+    server = DrainingServer(config, state, settings)
+    state.on_failure.append(lambda failure: setattr(server, "should_exit", True))
+    server.run()
+    if state.failure is not None:
+        raise SystemExit(state.failure.exit_code)

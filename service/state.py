@@ -11,6 +11,7 @@ from typing import Protocol
 
 from service.predictor import Predictor
 from service.settings import Settings
+from service.startup import StartupError
 
 
 class ServingEngine(Protocol):
@@ -42,6 +43,14 @@ class ServiceState:
     draining: bool = False
     #: Prediction requests being served now.
     inflight: int = 0
+    #: Why loading failed, once it has; and who is told (``erc serve`` exits with its status).
+    failure: StartupError | None = None
+    on_failure: list[Callable[[StartupError], None]] = field(default_factory=list)
+
+    def fail(self, failure: StartupError) -> None:
+        self.failure = failure
+        for callback in self.on_failure:
+            callback(failure)
 
     @property
     def ready(self) -> bool:
