@@ -224,6 +224,29 @@ def test_deployment_carries_the_probes_and_is_hardened():
     assert env["ERC_DRAIN_TIMEOUT_S"] >= env["ERC_REQUEST_TIMEOUT_S"]
 
 
+def _containers(node) -> list[dict]:
+    """Every container and init container anywhere in a manifest."""
+    if isinstance(node, list):
+        return [c for item in node for c in _containers(item)]
+    if not isinstance(node, dict):
+        return []
+    found = [c for key in ("containers", "initContainers") for c in node.get(key, []) if isinstance(c, dict)]
+    return found + [c for value in node.values() for c in _containers(value)]
+
+
+def test_service_settings_in_the_manifests_exist():
+    """Settings ignore unknown ERC_ variables (extra="ignore"): a misspelt one would do nothing."""
+    known = {f"ERC_{name.upper()}" for name in Settings.model_fields}
+    used = {
+        env["name"]
+        for path in manifest_files()
+        for container in _containers(load(path))
+        for env in container.get("env", [])
+        if env["name"].startswith("ERC_")
+    }
+    assert used and not used - known, sorted(used - known)
+
+
 def test_replicas_spread_over_nodes():
     deployment = one(applied(), "Deployment")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
