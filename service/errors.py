@@ -1,98 +1,68 @@
-"""The service's one error body, ``{"detail": [{"loc", "msg", "type"}, ...]}``, and the
-exception handlers that produce it for every failure a route can raise."""
+"""The service's one error body, ``{"detail": [{"loc", "msg", "type"}, ...]}``: built by
+:func:`error_response` for every error, whether a middleware refuses a request or a route raises,
+and counted there in ``erc_rejected_requests_total`` by its type.
+
+The errors themselves are :mod:`service.exceptions`; the engine raises its own exceptions, which
+:data:`ENGINE_ERRORS` names in that vocabulary.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from starlette.responses import JSONResponse
 
-from service.engine import EngineFailed, EngineUnavailable, Overloaded, PromptTooLong, TooMuchWork
-from service.middleware import refusal
-from service.predictor import LimitError
-from service.schemas import MAX_REPORTED_ERRORS
+from service import engine, exceptions, metrics
+from service.exceptions import InvalidRequest, ServiceError
 
-
-class DeadlineExceeded(Exception):
-    """The request's deadline passed; its engine work was aborted (504)."""
-
-
-class ClientGone(Exception):
-    """The client disconnected; its engine work was aborted (499, for the logs)."""
+#: The engine's exceptions, as the client is told about them.
+ENGINE_ERRORS: dict[type[Exception], type[ServiceError]] = {
+    engine.PromptTooLong: exceptions.PromptTooLong,
+    engine.TooMuchWork: exceptions.TooManyTokens,
+    engine.Overloaded: exceptions.TokenOverload,
+    engine.EngineUnavailable: exceptions.Unavailable,
+    engine.EngineFailed: exceptions.EngineError,
+}
 
 
 def error_response(
-    status: int, loc: list[Any], msg: str, kind: str, headers: dict[str, str] | None = None
+    error: ServiceError | int,
+    loc: Sequence[str | int] = ("request",),
+    msg: str = "",
+    kind: str = "",
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(
-        status_code=status, content={"detail": [{"loc": loc, "msg": msg, "type": kind}]}, headers=headers
-    )
+    """The error body of ``error``, with its status and headers; counted by its type.
+
+    ``error_response(status, loc, msg, kind)`` answers an error that no exception stands for
+    (a 404 of a route's own) in the same body, counted the same way."""
+    if isinstance(error, int):
+        error = ServiceError(msg, loc=loc, status=error, kind=kind, headers=headers)
+    metrics.REJECTED.labels(error.type).inc()
+    return JSONResponse(status_code=error.status, content={"detail": error.detail()}, headers=dict(error.headers))
 
 
-async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's default echoes each offending input back: that can be megabytes, or a lone
-    # surrogate that cannot even be encoded as UTF-8. Location, message and type suffice, for
-    # the first few errors; the rest are counted.
-    errors = exc.errors()
-    detail = [
-        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-        for e in errors[:MAX_REPORTED_ERRORS]
-    ]
-    if len(errors) > MAX_REPORTED_ERRORS:
-        more = len(errors) - MAX_REPORTED_ERRORS
-        detail.append(
-            {"loc": ["body"], "msg": f"{more} more errors not shown ({len(errors)} in all)", "type": "too_many_errors"}
-        )
-    return JSONResponse(status_code=422, content={"detail": detail})
+def as_service_error(exc: Exception) -> ServiceError:
+    """``exc`` in the service's vocabulary: a :class:`ServiceError` as it is, FastAPI's
+    validation error as :class:`~service.exceptions.InvalidRequest`, an engine exception by
+    :data:`ENGINE_ERRORS`."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return InvalidRequest(exc.errors())
+    for cls in type(exc).__mro__:
+        if cls in ENGINE_ERRORS:
+            return ENGINE_ERRORS[cls](str(exc))
+    raise TypeError(f"{type(exc).__name__} is not an error of the service's vocabulary") from exc
 
 
-async def over_limit(request: Request, exc: LimitError) -> JSONResponse:
-    return error_response(422, exc.loc, exc.message, exc.kind)
+async def handle(request: Request, exc: Exception) -> JSONResponse:
+    """The exception handler of every error a route can raise."""
+    return error_response(as_service_error(exc))
 
-
-async def too_long(request: Request, exc: PromptTooLong) -> JSONResponse:
-    return error_response(422, ["body"], str(exc), "prompt_too_long")
-
-
-async def too_much_work(request: Request, exc: TooMuchWork) -> JSONResponse:
-    return refusal(422, "too_many_tokens", str(exc))
-
-
-async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
-    return refusal(429, "overload_tokens", str(exc), {"Retry-After": "1"}, ["request"])
-
-
-async def unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
-    # Refused before any work: safe for a balancer to retry elsewhere.
-    return error_response(503, ["request"], str(exc), "unavailable", {"Retry-After": "5"})
-
-
-async def engine_failed(request: Request, exc: EngineFailed) -> JSONResponse:
-    return refusal(500, "engine_failed", str(exc), loc=["request"])
-
-
-async def deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
-    return refusal(504, "deadline", str(exc), loc=["request"])
-
-
-async def client_gone(request: Request, exc: ClientGone) -> JSONResponse:
-    # Nobody reads this (the client left); 499 is nginx's code for it, kept for the logs.
-    return refusal(499, "client_gone", str(exc), loc=["request"])
-
-
-HANDLERS: dict[type[Exception], Any] = {
-    RequestValidationError: invalid,
-    LimitError: over_limit,
-    PromptTooLong: too_long,
-    TooMuchWork: too_much_work,
-    Overloaded: overloaded,
-    EngineUnavailable: unavailable,
-    EngineFailed: engine_failed,
-    DeadlineExceeded: deadline,
-    ClientGone: client_gone,
-}
 
 #: The error responses of the prediction routes, for the OpenAPI document.
 RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -113,5 +83,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def register(app: FastAPI) -> None:
-    for exc, handler in HANDLERS.items():
-        app.add_exception_handler(exc, handler)
+    """Answer every error of the vocabulary, FastAPI's validation errors and the engine's
+    exceptions with :func:`error_response`."""
+    for exc in (ServiceError, RequestValidationError, *ENGINE_ERRORS):
+        app.add_exception_handler(exc, handle)

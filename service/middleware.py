@@ -21,6 +21,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs, metrics
+from service.errors import error_response
+from service.exceptions import BodyTimeout, BodyTooLarge, Draining, Overload, Unauthorized
 from service.security import KeyRing
 
 log = logging.getLogger("service.api")
@@ -33,18 +35,6 @@ class Admitted(Protocol):
 
     draining: bool
     inflight: int
-
-
-def refusal(
-    status: int, reason: str, message: str, headers: dict[str, str] | None = None, loc: list[str] | None = None
-) -> JSONResponse:
-    """The one error body of the service, ``{"detail": [{"loc", "msg", "type"}]}``, counted by reason."""
-    metrics.REJECTED.labels(reason).inc()
-    return JSONResponse(
-        status_code=status,
-        content={"detail": [{"loc": loc or ["body"], "msg": message, "type": reason}]},
-        headers=headers,
-    )
 
 
 def _is_work(scope: Scope) -> bool:
@@ -99,21 +89,9 @@ class Gate:
         if not _is_work(scope):
             return await self.app(scope, receive, send)
         if self.state.draining:
-            response = refusal(
-                503,
-                "draining",
-                "this replica is shutting down; retry on another",
-                {"Retry-After": "1", "Connection": "close"},
-                ["request"],
-            )
+            response = error_response(Draining("this replica is shutting down; retry on another"))
         elif not self.keys.authorized(Headers(scope=scope).get("authorization")):
-            response = refusal(
-                401,
-                "unauthorized",
-                "missing or wrong API key: send Authorization: Bearer KEY",
-                {"WWW-Authenticate": "Bearer"},
-                ["header", "authorization"],
-            )
+            response = error_response(Unauthorized("missing or wrong API key: send Authorization: Bearer KEY"))
         else:
             return await self.app(scope, receive, send)
         await response(scope, receive, send)
@@ -124,8 +102,8 @@ class BodyReader:
         self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     def _too_large(self, size: str) -> JSONResponse:
-        return refusal(
-            413, "body_too_large", f"body of {size} bytes exceeds the limit of {self.limit} (ERC_MAX_BODY_BYTES)"
+        return error_response(
+            BodyTooLarge(f"body of {size} bytes exceeds the limit of {self.limit} (ERC_MAX_BODY_BYTES)")
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -142,11 +120,8 @@ class BodyReader:
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                response = refusal(
-                    408,
-                    "body_timeout",
-                    f"the body did not arrive within {self.timeout_s:g} s (ERC_BODY_TIMEOUT_S)",
-                    {"Connection": "close"},
+                response = error_response(
+                    BodyTimeout(f"the body did not arrive within {self.timeout_s:g} s (ERC_BODY_TIMEOUT_S)")
                 )
                 return await response(scope, receive, send)
             if message["type"] == "http.disconnect":
@@ -184,7 +159,7 @@ class Admission:
             message = (
                 f"{self.state.inflight} requests in flight, the limit is {self.limit} (ERC_MAX_INFLIGHT); retry shortly"
             )
-            return await refusal(429, "overload", message, {"Retry-After": "1"}, ["request"])(scope, receive, send)
+            return await error_response(Overload(message))(scope, receive, send)
         self.state.inflight += 1
         metrics.INFLIGHT.set(self.state.inflight)
         try:

@@ -1,6 +1,9 @@
-"""Serving logic: request -> validate -> retrieve -> render -> engine -> parse -> respond.
+"""Serving logic: dialogue -> limits -> label set -> retrieve -> render -> engine -> calibrate.
 
-Independent of HTTP: the API module wires it to routes, the evaluation command calls it
+Independent of HTTP: it takes and returns its own types (:class:`~service.data.Dialogue` in,
+:class:`Answer` and :class:`DialoguesAnswer` out) and raises the service's errors
+(:mod:`service.exceptions`). :mod:`service.routes.predict` translates the protocol
+(:mod:`service.schemas`) to and from them, and ``erc evaluate`` calls :meth:`Predictor.run`
 directly, so every path renders and decodes exactly the same way.
 """
 
@@ -15,30 +18,11 @@ from typing import Protocol
 from service import calibration, metrics
 from service.data import Dialogue, Turn
 from service.labels import DATASET_LABEL_SET, LABEL_SETS
+from service.exceptions import LabelSetUnavailable, LimitError
 from service.retrieval import Demonstration, DemonstrationIndex, Retriever, parse_cpus
-from service.schemas import (
-    DemonstrationOut,
-    DialogueIn,
-    DialogueResult,
-    Prediction,
-    PredictDialogueRequest,
-    PredictDialogueResponse,
-    PredictRequest,
-    PredictResponse,
-)
 from service.settings import Settings
-from service.spec import ServingSpec
+from service.spec import LabelSetSpec, ServingSpec
 from service.templates import Shown, erc_prompt
-
-
-class LimitError(ValueError):
-    """A request over a configured limit; ``loc`` names the field as FastAPI's errors do."""
-
-    def __init__(self, loc: Sequence[str | int], message: str, top: str = "body", kind: str = "limit_exceeded") -> None:
-        super().__init__(message)
-        self.loc = [top, *loc] if top != "header" else list(loc)
-        self.message = message
-        self.kind = kind
 
 
 #: Engine priorities (lower is scheduled first): a chatbot's single utterance is not queued
@@ -61,6 +45,14 @@ class Item:
 
 
 @dataclass(frozen=True)
+class Prediction:
+    """The served label of one utterance and the (calibrated) probability of every label."""
+
+    label: str
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True)
 class Scored:
     """One classified utterance: the served (calibrated) prediction, the engine's own
     distribution, and what the prompt showed."""
@@ -69,6 +61,35 @@ class Scored:
     raw: list[float]
     prompt: str
     demonstrations: list[Demonstration]
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """A label set resolved for one request: its name, its labels, and how the model serves it."""
+
+    name: str
+    labels: tuple[str, ...]
+    spec: LabelSetSpec
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One utterance classified (``/predict``)."""
+
+    scored: Scored
+    target: int
+    label_set: str
+    model: str
+
+
+@dataclass(frozen=True)
+class DialoguesAnswer:
+    """Every utterance of every dialogue classified (``/predict_dialogue``): one list of
+    predictions per dialogue, in turn order."""
+
+    predictions: list[list[Prediction]]
+    label_set: str
+    model: str
 
 
 def open_indexes(settings: Settings, spec: ServingSpec) -> dict[str, DemonstrationIndex]:
@@ -84,24 +105,24 @@ def open_indexes(settings: Settings, spec: ServingSpec) -> dict[str, Demonstrati
     return {name: DemonstrationIndex(settings.index_root / name, encoder) for name in present}
 
 
-def check_dialogue(d: DialogueIn, loc: list[str | int], s: Settings) -> None:
-    if len(d.turns) > s.max_turns:
-        raise LimitError([*loc, "turns"], f"{len(d.turns)} turns exceed the limit of {s.max_turns} (ERC_MAX_TURNS)")
-    for i, turn in enumerate(d.turns):
+def check_dialogue(dialogue: Dialogue, field: Sequence[str | int], s: Settings) -> None:
+    """Raise :class:`LimitError` when ``dialogue`` (at ``field`` in the request) is over the
+    turn, text or speaker limits of ``s``."""
+    if len(dialogue.turns) > s.max_turns:
+        raise LimitError(
+            f"{len(dialogue.turns)} turns exceed the limit of {s.max_turns} (ERC_MAX_TURNS)", (*field, "turns")
+        )
+    for i, turn in enumerate(dialogue.turns):
         if len(turn.text) > s.max_text_chars:
             raise LimitError(
-                [*loc, "turns", i, "text"],
                 f"{len(turn.text)} characters exceed the limit of {s.max_text_chars} (ERC_MAX_TEXT_CHARS)",
+                (*field, "turns", i, "text"),
             )
         if len(turn.speaker) > s.max_speaker_chars:
             raise LimitError(
-                [*loc, "turns", i, "speaker"],
                 f"{len(turn.speaker)} characters exceed the limit of {s.max_speaker_chars} (ERC_MAX_SPEAKER_CHARS)",
+                (*field, "turns", i, "speaker"),
             )
-
-
-def to_dialogue(d: DialogueIn) -> Dialogue:
-    return Dialogue(d.id or "", tuple(Turn(t.speaker, t.text) for t in d.turns))
 
 
 def assemble(settings: Settings, model_dir: Path, engine: Classifier) -> "Predictor":
@@ -174,22 +195,21 @@ class Predictor:
         name = self.served[0]
         await self.run([Item(Dialogue("warm-up", (Turn("a", "Hello!"),)), 0)], name)
 
-    def _label_set(self, requested: str | None) -> str:
+    def label_set(self, requested: str | None) -> LabelSet:
+        """``requested`` (default: the model's) resolved, or :class:`LabelSetUnavailable`
+        saying why this model cannot serve it."""
         name = requested or self.spec.default_label_set
         if name in self.unavailable:
-            raise LimitError(
-                ["label_set"],
-                f"label set {name!r} cannot be served: {self.unavailable[name]}",
-                kind="label_set_unavailable",
-            )
-        return name
+            raise LabelSetUnavailable(f"label set {name!r} cannot be served: {self.unavailable[name]}")
+        return LabelSet(name, LABEL_SETS[name], self.spec.label_sets[name])
 
     async def _retrieve(
-        self, items: Sequence[Item], label_set: str, exclude_own: bool, priority: int
+        self, items: Sequence[Item], label_set: LabelSet, exclude_own: bool, priority: int
     ) -> list[list[Demonstration]]:
-        demos = self.spec.label_sets[label_set].demonstrations
+        demos = label_set.spec.demonstrations
         if demos.k == 0:
             return [[] for _ in items]
+        assert self.retriever is not None  # a label set with demonstrations is served only with its index
         index = self.indexes[demos.index]
         texts = [item.dialogue.turns[item.target].text for item in items]
         own = [item.dialogue.id for item in items] if exclude_own else None
@@ -202,11 +222,14 @@ class Predictor:
     async def run(
         self, items: Sequence[Item], label_set: str, exclude_own: bool = False, priority: int = INTERACTIVE
     ) -> list[Scored]:
-        """Classify ``items``; ``exclude_own`` keeps each item's own dialogue out of its
-        demonstrations (evaluating a split that is in the pool)."""
-        label_set = self._label_set(label_set)
-        entry = self.spec.label_sets[label_set]
-        labels = LABEL_SETS[label_set]
+        """Classify ``items`` in ``label_set``; ``exclude_own`` keeps each item's own dialogue
+        out of its demonstrations (evaluating a split that is in the pool)."""
+        return await self._classify(items, self.label_set(label_set), exclude_own, priority)
+
+    async def _classify(
+        self, items: Sequence[Item], label_set: LabelSet, exclude_own: bool = False, priority: int = INTERACTIVE
+    ) -> list[Scored]:
+        labels, entry = label_set.labels, label_set.spec
         demonstrations = await self._retrieve(items, label_set, exclude_own, priority)
         prompts = [
             erc_prompt(item.dialogue, item.target, labels, entry.window, [Shown(d.text, d.label) for d in demos])
@@ -219,60 +242,40 @@ class Predictor:
         for raw, prompt, demos in zip(distributions, prompts, demonstrations):
             probs = calibration.apply(raw, entry.calibration)
             best = max(range(len(labels)), key=lambda i: probs[i])
-            metrics.PREDICTIONS.labels(label_set, labels[best]).inc()
-            results.append(
-                Scored(Prediction(label=labels[best], scores=dict(zip(labels, probs))), list(raw), prompt, demos)
-            )
+            metrics.PREDICTIONS.labels(label_set.name, labels[best]).inc()
+            results.append(Scored(Prediction(labels[best], dict(zip(labels, probs))), list(raw), prompt, demos))
         return results
 
-    async def predict(self, request: PredictRequest) -> PredictResponse:
-        check_dialogue(request.dialogue, ["dialogue"], self.settings)
-        n = len(request.dialogue.turns)
-        target = n - 1 if request.target is None else request.target
+    async def predict(self, dialogue: Dialogue, target: int | None = None, label_set: str | None = None) -> Answer:
+        """Classify one turn of ``dialogue`` (default: its last) after checking the limits."""
+        check_dialogue(dialogue, ("dialogue",), self.settings)
+        n = len(dialogue.turns)
+        target = n - 1 if target is None else target
         if not 0 <= target < n:
-            raise LimitError(["target"], f"target {target} is outside the dialogue's turns 0..{n - 1}")
-        label_set = self._label_set(request.label_set)
-        [scored] = await self.run([Item(to_dialogue(request.dialogue), target)], label_set)
-        prompt, demos = scored.prompt, scored.demonstrations
-        return PredictResponse(
-            **scored.prediction.model_dump(),
-            id=request.dialogue.id,
-            target=target,
-            label_set=label_set,
-            model=self.spec.model_name,
-            prompt=prompt if request.debug else None,
-            demonstrations=[
-                DemonstrationOut(text=d.text, label=d.label, dialogue_id=d.dialogue_id, score=d.score) for d in demos
-            ]
-            if request.debug
-            else None,
-        )
+            raise LimitError(f"target {target} is outside the dialogue's turns 0..{n - 1}", ("target",))
+        resolved = self.label_set(label_set)
+        [scored] = await self._classify([Item(dialogue, target)], resolved)
+        return Answer(scored, target, resolved.name, self.spec.model_name)
 
-    async def predict_dialogue(self, request: PredictDialogueRequest) -> PredictDialogueResponse:
+    async def predict_dialogues(self, dialogues: Sequence[Dialogue], label_set: str | None = None) -> DialoguesAnswer:
+        """Classify every turn of every dialogue in one engine batch (at batch priority), after
+        checking the limits."""
         s = self.settings
-        if len(request.dialogues) > s.max_dialogues:
+        if len(dialogues) > s.max_dialogues:
             raise LimitError(
-                ["dialogues"],
-                f"{len(request.dialogues)} dialogues exceed the limit of {s.max_dialogues} (ERC_MAX_DIALOGUES)",
+                f"{len(dialogues)} dialogues exceed the limit of {s.max_dialogues} (ERC_MAX_DIALOGUES)",
+                ("dialogues",),
             )
-        total = sum(len(d.turns) for d in request.dialogues)
+        total = sum(len(d.turns) for d in dialogues)
         if total > s.max_batch_turns:
             raise LimitError(
-                ["dialogues"], f"{total} turns in all exceed the limit of {s.max_batch_turns} (ERC_MAX_BATCH_TURNS)"
+                f"{total} turns in all exceed the limit of {s.max_batch_turns} (ERC_MAX_BATCH_TURNS)", ("dialogues",)
             )
-        for i, d in enumerate(request.dialogues):
-            check_dialogue(d, ["dialogues", i], s)
-        label_set = self._label_set(request.label_set)
-        items = []
-        for d in request.dialogues:
-            dialogue = to_dialogue(d)
-            items.extend(Item(dialogue, t) for t in range(len(d.turns)))
-        results = iter(await self.run(items, label_set, priority=BATCH))
-        return PredictDialogueResponse(
-            results=[
-                DialogueResult(id=d.id, predictions=[next(results).prediction for _ in d.turns])
-                for d in request.dialogues
-            ],
-            label_set=label_set,
-            model=self.spec.model_name,
+        for i, d in enumerate(dialogues):
+            check_dialogue(d, ("dialogues", i), s)
+        resolved = self.label_set(label_set)
+        items = [Item(d, t) for d in dialogues for t in range(len(d.turns))]
+        results = iter(await self._classify(items, resolved, priority=BATCH))
+        return DialoguesAnswer(
+            [[next(results).prediction for _ in d.turns] for d in dialogues], resolved.name, self.spec.model_name
         )

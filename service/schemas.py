@@ -1,7 +1,9 @@
 """HTTP protocol types (pydantic v2), apart from the serving logic and the server wiring.
 
 Static shape rules live here; limits that are settings (turns, characters, batch size) are
-checked by :func:`service.predictor.check_limits`, which reports them in the same error format.
+checked by the predictor (:func:`service.predictor.check_dialogue`), which reports them in the
+same error format (:mod:`service.exceptions`). The predictor never sees these types:
+:mod:`service.routes.predict` translates them.
 """
 
 from __future__ import annotations

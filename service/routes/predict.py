@@ -1,5 +1,6 @@
-"""``POST /predict`` and ``POST /predict_dialogue``: validate, then hand over to the predictor
-under the request's deadline."""
+"""``POST /predict`` and ``POST /predict_dialogue``: validate, translate the protocol
+(:mod:`service.schemas`) into the predictor's types and its answer back, under the request's
+deadline."""
 
 from __future__ import annotations
 
@@ -7,27 +8,39 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 
-from service.engine import EngineUnavailable
-from service.errors import RESPONSES, ClientGone, DeadlineExceeded
-from service.predictor import LimitError, Predictor
-from service.schemas import PredictDialogueRequest, PredictDialogueResponse, PredictRequest, PredictResponse
+from service.data import Dialogue, Turn
+from service.errors import RESPONSES
+from service.exceptions import ClientGone, DeadlineExceeded, HeaderError, Unavailable
+from service.predictor import Predictor
+from service.schemas import (
+    DemonstrationOut,
+    DialogueIn,
+    DialogueResult,
+    Prediction,
+    PredictDialogueRequest,
+    PredictDialogueResponse,
+    PredictRequest,
+    PredictResponse,
+)
 from service.settings import Settings
 from service.state import ServiceState
 
 router = APIRouter()
+
+T = TypeVar("T")
 
 
 def ready_predictor(request: Request) -> Predictor:
     """Dependency: the predictor, or 503 while loading or once the engine has died."""
     state: ServiceState = request.app.state.service
     if state.dead:
-        raise EngineUnavailable("the engine has died; the process must be restarted")
+        raise Unavailable("the engine has died; the process must be restarted")
     if state.predictor is None:
-        raise EngineUnavailable(
+        raise Unavailable(
             "loading failed; the service log says why" if state.error else "the service is still loading; retry shortly"
         )
     return state.predictor
@@ -52,11 +65,11 @@ def _deadline(request: Request, settings: Settings) -> float:
     except ValueError:
         value = math.nan
     if not (value > 0 and math.isfinite(value)):
-        raise LimitError(["header", "x-request-timeout"], "must be a positive number of seconds", top="header")
+        raise HeaderError("must be a positive number of seconds", "x-request-timeout")
     return min(timeout, value)
 
 
-async def bounded(request: Request, work: Callable[[], Awaitable[Any]]) -> Any:
+async def bounded(request: Request, work: Callable[[], Awaitable[T]]) -> T:
     """Run ``work`` under the request's deadline; abort it (and its engine requests) when the
     deadline passes or the client disconnects."""
     timeout = _deadline(request, request.app.state.settings)
@@ -79,13 +92,42 @@ async def bounded(request: Request, work: Callable[[], Awaitable[Any]]) -> Any:
     )
 
 
+def _dialogue(d: DialogueIn) -> Dialogue:
+    return Dialogue(d.id or "", tuple(Turn(t.speaker, t.text) for t in d.turns))
+
+
 @router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True, responses=RESPONSES)
 async def predict(request: Request, body: PredictRequest, p: Ready) -> PredictResponse:
     """Label one utterance (default: the dialogue's last turn) with its probabilities."""
-    return await bounded(request, lambda: p.predict(body))
+    answer = await bounded(request, lambda: p.predict(_dialogue(body.dialogue), body.target, body.label_set))
+    scored = answer.scored
+    return PredictResponse(
+        label=scored.prediction.label,
+        scores=scored.prediction.scores,
+        id=body.dialogue.id,
+        target=answer.target,
+        label_set=answer.label_set,
+        model=answer.model,
+        prompt=scored.prompt if body.debug else None,
+        demonstrations=[
+            DemonstrationOut(text=d.text, label=d.label, dialogue_id=d.dialogue_id, score=d.score)
+            for d in scored.demonstrations
+        ]
+        if body.debug
+        else None,
+    )
 
 
 @router.post("/predict_dialogue", response_model=PredictDialogueResponse, responses=RESPONSES)
 async def predict_dialogue(request: Request, body: PredictDialogueRequest, p: Ready) -> PredictDialogueResponse:
     """Label every utterance of every dialogue, in input order, in one engine batch."""
-    return await bounded(request, lambda: p.predict_dialogue(body))
+    dialogues = [_dialogue(d) for d in body.dialogues]
+    answer = await bounded(request, lambda: p.predict_dialogues(dialogues, body.label_set))
+    return PredictDialogueResponse(
+        results=[
+            DialogueResult(id=d.id, predictions=[Prediction(label=q.label, scores=q.scores) for q in predictions])
+            for d, predictions in zip(body.dialogues, answer.predictions)
+        ],
+        label_set=answer.label_set,
+        model=answer.model,
+    )
