@@ -34,7 +34,7 @@ import torch
 from service.data import load_split
 from service.labels import LABEL_SETS
 from service.settings import get_settings
-from service.weights import int8_per_channel
+from training.weights import int8_per_channel
 
 
 def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
@@ -170,10 +170,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
-    from service.weights import default_model_dir
+    from service.served_model import served_model_dir
 
     settings = get_settings()
-    model_dir = settings.model_dir or default_model_dir(settings.weights_root)
+    model_dir = served_model_dir(settings)
     texts = prompts(settings, model_dir, args.reps + 2)
     engine_cached, engine_cold, block = asyncio.run(engine_times(settings, model_dir, texts, args.reps))
     torch_cached, torch_cold, new_tokens, weights, config = torch_times(model_dir, texts, block, args.reps)

@@ -263,7 +263,7 @@ def run(
     from service.decoding import encode_prompt
     from service.devices import resolve_dtype
     from service.spec import ServingSpec
-    from service.weights import adapter_of
+    from service.served_model import adapter_of
 
     dtype = resolve_dtype(settings.dtype)  # the engine's
     precision = ServingSpec.load(model_dir).precision(dtype)

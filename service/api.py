@@ -23,9 +23,9 @@ async def load_service(settings: Settings, state: ServiceState) -> None:
     """Load spec, encoder + indexes, and the engine; publish the predictor when all are up."""
     from service.engine import Engine
     from service.predictor import assemble
-    from service.weights import default_model_dir
+    from service.served_model import served_model_dir
 
-    model_dir = settings.model_dir or default_model_dir(settings.weights_root)
+    model_dir = served_model_dir(settings)
     engine = Engine(settings, model_dir)
     state.engine = engine
     # The encoder and the indexes load in a thread while the engine starts in its own processes

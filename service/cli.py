@@ -13,7 +13,7 @@ import typer
 from service.data import DataError, default_source, load_split
 from service.labels import DATASET_LABEL_SET, LABEL_SETS, SPEAKER_LABEL_SETS
 from service.retrieval import RetrievalError
-from service.settings import get_settings
+from service.settings import Settings, get_settings
 
 app = typer.Typer(help="InstructERC emotion recognition in conversation.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
@@ -55,6 +55,21 @@ class Task(str, Enum):
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(1)
+
+
+#: The ``--model`` option of the commands that run the served model.
+_MODEL_HELP = "Servable model folder (default: the one ERC_MODEL_DIR, else ERC_MODEL and ERC_PRECISION, name)."
+
+
+def _served(settings: Settings, model: Path | None) -> Path:
+    """The model folder a command works on: ``--model``, else the served one
+    (:func:`service.served_model.served_model_dir`)."""
+    from service.served_model import WeightsError, served_model_dir
+
+    try:
+        return served_model_dir(settings, model)
+    except WeightsError as exc:
+        raise _fail(str(exc)) from None
 
 
 @data_app.command("fetch")
@@ -250,7 +265,8 @@ def weights_build(
     int8: Annotated[
         bool,
         typer.Option(
-            help="Also quantize the default merge to int8 into weights/<name>-int8/ (serve it with ERC_MODEL_DIR)."
+            help="Also quantize the merge of ERC_MODEL (default: the default adapter) to int8 into "
+            "weights/<name>-int8/ (serve it with ERC_PRECISION=int8)."
         ),
     ] = False,
 ) -> None:
@@ -259,13 +275,13 @@ def weights_build(
     backend into weights/encoder-<backend>/ (from the shipped weights)."""
     from service.encoders import BACKENDS, EncoderBackendError
     from service.retrieval import export_encoder
-    from service.weights import WeightsError, build_all
+    from training.weights import WeightsError, build_all
 
     settings = get_settings()
     if encoder_backend is not None and encoder_backend not in BACKENDS:
         raise typer.BadParameter(f"one of {', '.join(BACKENDS)}", param_hint="--encoder-backend")
     try:
-        for line in build_all(settings.weights_root, force=force, int8=int8):
+        for line in build_all(settings.weights_root, force=force, int8=int8, model=settings.model):
             typer.echo(line)
     except WeightsError as exc:
         raise _fail(str(exc)) from None
@@ -289,6 +305,7 @@ def serve(
 
     try:
         settings = get_settings()
+        _served(settings, None)  # a misnamed model stops here, before the server starts
         run_server(settings, host or settings.host, port or settings.port)
     except (KeyConfigError, ValidationError) as exc:
         raise _fail(f"not starting: {exc}") from None
@@ -358,7 +375,7 @@ def merge(
     ] = None,
 ) -> None:
     """Merge a LoRA adapter into its base (the same code as `erc weights build`)."""
-    from service.weights import build_all, merge_adapter, merge_base
+    from training.weights import build_all, merge_adapter, merge_base
 
     settings = get_settings()
     base = base or merge_base(settings.weights_root, adapter)
@@ -369,7 +386,7 @@ def merge(
 
 @app.command()
 def evaluate(
-    model: Annotated[Optional[Path], typer.Option(help="Servable model folder (default: the served default).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help=_MODEL_HELP)] = None,
     dataset: Annotated[
         Optional[EvalDataset],
         typer.Option(help="Dataset (default: every dataset the model serves, valid and test, and DailyDialog test)."),
@@ -390,11 +407,10 @@ def evaluate(
     ] = None,
 ) -> None:
     """Evaluate a model through the serving engine path; write JSON reports and confusion PNGs."""
-    from service.weights import default_model_dir
     from training.evaluate import evaluate as run_evaluation, scores_table, served_runs
 
     settings = get_settings()
-    model_dir = model or settings.model_dir or default_model_dir(settings.weights_root)
+    model_dir = _served(settings, model)
     if dataset is None:
         splits = (split.value,) if split else ("valid", "test")
         runs = served_runs(model_dir, settings, splits, out_of_domain=out_of_domain)
@@ -424,17 +440,17 @@ def evaluate(
 
 @app.command()
 def calibrate(
-    model: Annotated[Optional[Path], typer.Option(help="Servable model folder (default: the served default).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help=_MODEL_HELP)] = None,
     out: Annotated[Path, typer.Option(help="Folder for the dev reports.")] = Path("reports/calibration"),
 ) -> None:
     """Fit each served label set's bias and temperature on its dev split, through the serving
     path, and store them in the model's erc.json and in its committed adapter's (an int8 build's
     as the adapter's ``calibration_int8``)."""
-    from service.weights import ADAPTERS, adapter_of, default_model_dir
+    from service.served_model import ADAPTERS, adapter_of
     from training.evaluate import calibrate as run_calibration
 
     settings = get_settings()
-    model_dir = model or settings.model_dir or default_model_dir(settings.weights_root)
+    model_dir = _served(settings, model)
     adapter = settings.weights_root / ADAPTERS / adapter_of(model_dir)
     also = [adapter] if (adapter / "erc.json").is_file() else []
     fitted = run_calibration(model_dir, settings, out, also)
@@ -445,7 +461,7 @@ def calibrate(
 
 @app.command()
 def bench(
-    model: Annotated[Optional[Path], typer.Option(help="Servable model folder (default: the served default).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help=_MODEL_HELP)] = None,
     dialogues: Annotated[int, typer.Option(min=1, help="MELD test dialogues to send.")] = 40,
     requests: Annotated[int, typer.Option(min=1, help="/predict requests per concurrency level.")] = 96,
     levels: Annotated[str, typer.Option(help="Concurrency levels, comma-separated.")] = "1,8,32",
@@ -459,10 +475,9 @@ def bench(
 ) -> None:
     """Benchmark the service against the naive transformers baseline in one run."""
     from bench.run import run as run_bench, write_report
-    from service.weights import default_model_dir
 
     settings = get_settings()
-    model_dir = model or settings.model_dir or default_model_dir(settings.weights_root)
+    model_dir = _served(settings, model)
     result = run_bench(
         settings, model_dir, dialogues, requests, [int(x) for x in levels.split(",")], baseline_limit, port
     )

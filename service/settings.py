@@ -67,10 +67,21 @@ class Settings(BaseSettings):
     demonstrations_k: int = Field(default=3, ge=0, le=32)
 
     # --- model and engine ---------------------------------------------------------------------
+    model: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="The committed adapter to serve (a folder name under weights/adapters/), merged into "
+        "weights/<model>/ by `erc weights build`; base: the embedded SmolLM2, untrained. Default: the adapter "
+        "weights/adapters/DEFAULT names.",
+    )
+    precision: Literal["float", "int8"] = Field(
+        default="float",
+        description="float: the model's merged checkpoint (computed in ERC_DTYPE); int8: its int8 build, "
+        "weights/<model>-int8/ (`erc weights build --int8`).",
+    )
     model_dir: Path | None = Field(
         default=None,
-        description="Servable model folder (with erc.json); default: the committed adapter "
-        "merged under weights/, else weights/base (the embedded SmolLM2).",
+        description="A servable folder (with erc.json) served as it is, overriding ERC_MODEL and ERC_PRECISION.",
     )
     dtype: str = Field(
         default="auto",

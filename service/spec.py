@@ -43,9 +43,9 @@ class LabelSetSpec(BaseModel):
     window: int = Field(default=DEFAULT_WINDOW, ge=0)
     demonstrations: Demonstrations = Demonstrations()
     calibration: Calibration | None = None
-    #: Fitted on the int8 build's own dev scores (`erc calibrate --model weights/<name>-int8`): int8
-    #: moves the engine's distribution enough that the float calibration costs MELD test 0.47 F1.
-    #: The int8 build serves it as its ``calibration``.
+    #: Fitted on the int8 build's own dev scores (`ERC_PRECISION=int8 erc calibrate`): int8 moves the
+    #: engine's distribution away from the one the float calibration was fitted on. The int8 build
+    #: serves it as its ``calibration``.
     calibration_int8: Calibration | None = None
 
 

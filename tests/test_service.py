@@ -247,7 +247,7 @@ def test_served_default_reproduces_every_test_figure_of_its_card(live, settings,
     from service.data import default_source
     from service.devices import resolve_dtype
     from service.spec import ServingSpec
-    from service.weights import ADAPTERS, adapter_of, default_model_dir
+    from service.served_model import ADAPTERS, adapter_of, default_model_dir
     from training.evaluate import evaluate_async, scores_file
 
     engine = live.app.state.service.engine
@@ -406,7 +406,7 @@ def test_int8_build_serves_its_label_sets_close_to_the_float_engine(live, settin
     answers the float engine's labels on a real dialogue batch with distributions close to its
     own. The card figures of that build are scores-int8.json (the card test, served with it)."""
     from bench.launcher import ServerProcess, free_port
-    from service.weights import INT8_SUFFIX
+    from service.served_model import INT8_SUFFIX
 
     float_dir = live.app.state.service.engine.model_dir
     int8_dir = require(float_dir.with_name(float_dir.name + INT8_SUFFIX), "run `erc weights build --int8`")

@@ -131,7 +131,7 @@ def test_one_training_step_lowers_the_loss(tokenizer):
 def test_merge_round_trip(tokenizer, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from service.weights import merge_adapter
+    from training.weights import merge_adapter
 
     base_dir, adapter_dir, merged_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
     base = tiny_llama(tokenizer)
@@ -172,7 +172,8 @@ def test_int8_build_rounds_each_projection_per_channel_and_serves_its_own_calibr
     from safetensors.torch import load_file
 
     from service.spec import LabelSetSpec
-    from service.weights import WeightsError, adapter_of, quantize_int8
+    from service.served_model import adapter_of
+    from training.weights import WeightsError, quantize_int8
     from training.evaluate import store_calibration
 
     model_dir, out = tmp_path / "tiny", tmp_path / "tiny-int8"
@@ -227,7 +228,7 @@ def test_int8_build_takes_its_calibration_from_the_committed_adapter(tokenizer, 
     """A merge built before the adapter's ``calibration_int8`` was fitted (or pulled) carries
     none: `erc weights build --int8` must still serve the adapter's, and rebuild when it moves."""
     from service.spec import LabelSetSpec
-    from service.weights import build_all
+    from training.weights import build_all
 
     root = tmp_path / "weights"
     (root / "base").mkdir(parents=True)
@@ -459,7 +460,8 @@ def test_mixed_examples_are_scored_per_label_set(tokenizer, tmp_path):
 
 def test_stacked_adapters_merge_in_order_and_the_default_is_named(tmp_path):
     from service.spec import Demonstrations, LabelSetSpec
-    from service.weights import WeightsError, adapters, default_model_dir, merge_base
+    from service.served_model import WeightsError, adapters, default_model_dir
+    from training.weights import merge_base
 
     root = tmp_path / "weights"
     for name, base in (("a-top", "z-bottom"), ("z-bottom", None)):

@@ -21,7 +21,8 @@ Demos = dict[tuple[str, int], list[Shown]]
 def base_model_dir(config: TrainConfig, settings: Settings) -> Path:
     """The checkpoint a run adapts: ``embedded`` (weights/base), the name of a committed adapter
     (trained on top of it: weights/<name>, its merge), or a folder."""
-    from service.weights import adapters, build_all
+    from service.served_model import adapters
+    from training.weights import build_all
 
     name = "base" if config.base_model == "embedded" else config.base_model
     if name == "base" or name in {a.name for a in adapters(settings.weights_root)}:

