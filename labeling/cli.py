@@ -28,6 +28,7 @@ def main(
     progress: bool,
     stats_json: Path | None,
     actor_cpus: float,
+    actor_gpus: float = 0.0,
 ) -> None:
     if url and ray:
         raise _fail("--url and --ray are two ways to run: pass one")
@@ -50,7 +51,7 @@ def main(
 
             if resume:
                 raise InputError("--resume is for the in-process and --url runs; a Ray run retries failed tasks itself")
-            summary = label_with_ray(options, ray, label_set, concurrency or 1, actor_cpus)
+            summary = label_with_ray(options, ray, label_set, concurrency or 1, actor_cpus, actor_gpus)
         elif url:
             from labeling.run import remote_backend
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from labeling.readers import InputError, chunks, input_format, open_reader
 from labeling.run import Options, Summary, error_entry, fingerprint, output_id
-from labeling.store import Rows, Store, errors_path, require_pyarrow
+from labeling.store import ResumeError, Rows, Store, errors_path, output_format, parts_dir, require_pyarrow
 
 #: Columns of the rows the actors write: every utterance, and one row per dialogue that failed.
 OUT_COLUMNS = ("ordinal", "line", "dialogue_id", "turn", "speaker", "label", "scores", "label_set", "model", "error")
@@ -41,17 +41,19 @@ OUT_COLUMNS = ("ordinal", "line", "dialogue_id", "turn", "speaker", "label", "sc
 class RayLabeller:
     """A Ray Data callable class: one engine per actor, loaded once, kept across batches.
 
-    An actor is a fresh process, like ``erc serve``'s: nothing has run torch in it before the
-    engine starts, so the engine's processes are forked from it (service/start_method.py). The
-    engine lives on one event loop for the actor's life: vLLM binds its output handler to the
-    loop it first ran on."""
+    An actor is a fresh process, like ``erc serve``'s, but its engine's processes are spawned,
+    not forked (service/start_method.py): vLLM refuses to fork inside a Ray actor (a child forked
+    from a Ray worker inherits the state of Ray's own threads) and switches to spawn whatever it is
+    told, so the service is told spawn up front and loads its encoder alongside the engine's start
+    rather than waiting for a fork that never comes. The engine lives on one event loop for the
+    actor's life: vLLM binds its output handler to the loop it first ran on."""
 
     def __init__(self, label_set: str | None) -> None:
         from labeling.backends import InProcess
         from service.settings import Settings
 
         self.loop = asyncio.new_event_loop()
-        self.backend = InProcess(Settings(), label_set, fresh_process=True)
+        self.backend = InProcess(Settings(), label_set, fresh_process=False)
         self.loop.run_until_complete(self.backend.start())
 
     def __call__(self, batch: Any) -> Any:
@@ -159,11 +161,20 @@ def _rows(path: Path) -> Iterator[tuple]:
             yield values
 
 
-def label_with_ray(options: Options, address: str, label_set: str | None, actors: int, actor_cpus: float) -> Summary:
+def label_with_ray(
+    options: Options, address: str, label_set: str | None, actors: int, actor_cpus: float, actor_gpus: float = 0.0
+) -> Summary:
     import ray
 
     fmt = input_format(options.input, options.input_format)
-    store = Store(options.output, fingerprint(options, fmt), resume=False, overwrite=options.overwrite)
+    output_format(options.output)
+    if (parts_dir(options.output) / "manifest.json").is_file():
+        raise ResumeError(
+            f"{parts_dir(options.output)} holds an unfinished run of another mode: resume it without --ray, "
+            "or delete the folder"
+        )
+    if options.output.exists() and not options.overwrite:
+        raise ResumeError(f"{options.output} exists: pass --overwrite to replace it")
     work = options.output.with_name(options.output.name + ".ray")
     shutil.rmtree(work, ignore_errors=True)
     began = time.monotonic()
@@ -179,14 +190,17 @@ def label_with_ray(options: Options, address: str, label_set: str | None, actors
             ds = ds.map_batches(
                 RayLabeller,
                 fn_constructor_kwargs={"label_set": label_set},
-                concurrency=actors,
+                compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=actor_cpus,
+                num_gpus=actor_gpus or None,
                 batch_size=None,
                 batch_format="pyarrow",
             )
             ds.write_parquet(str(work / "output"))
     finally:
         ray.shutdown()
+    # The store only now: a Ray run that failed leaves no unfinished run to resume.
+    store = Store(options.output, fingerprint(options, fmt), resume=False, overwrite=options.overwrite)
     summary = _merge(options, store, fmt, work, read_errors, label_set)
     shutil.rmtree(work, ignore_errors=True)
     summary.seconds = time.monotonic() - began

@@ -520,6 +520,7 @@ def label_command(
     progress: Annotated[bool, typer.Option(help="Progress bar on stderr.")] = True,
     stats_json: Annotated[Optional[Path], typer.Option(help="Also write the run's counts as JSON here.")] = None,
     actor_cpus: Annotated[float, typer.Option(help="--ray: CPUs each actor reserves.")] = 1.0,
+    actor_gpus: Annotated[float, typer.Option(help="--ray: GPUs each actor reserves.")] = 0.0,
 ) -> None:
     """Label every utterance of a corpus (docs/labelling.md): in-process, --url or --ray."""
     from labeling.cli import main as label_main
@@ -542,6 +543,7 @@ def label_command(
         progress=progress,
         stats_json=stats_json,
         actor_cpus=actor_cpus,
+        actor_gpus=actor_gpus,
     )
 
 
