@@ -65,9 +65,10 @@ def applied() -> list[dict]:
     return [doc for path in manifest_files() if path.parent == K8S for doc in load(path)]
 
 
-def one(docs: list[dict], kind: str) -> dict:
-    found = [d for d in docs if d["kind"] == kind]
-    assert len(found) == 1, f"{len(found)} {kind} objects"
+def one(docs: list[dict], kind: str, name: str = "erc") -> dict:
+    """The object of that kind and name (other files, such as rayjob-label.yaml, add their own)."""
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{len(found)} {kind} objects named {name}"
     return found[0]
 
 
@@ -174,7 +175,7 @@ _RAYJOB = {
 def test_validation_refuses_a_broken_object(kind: str, break_it):
     """The validators are not vacuous: each object validates as written, and a misspelt field, a
     wrong type or a missing required field in it does not."""
-    doc = _RAYJOB if kind == "RayJob" else one(applied(), kind)
+    doc = _RAYJOB if kind == "RayJob" else one(applied(), kind, "erc-index" if kind == "Job" else "erc")
     assert validation_errors(doc) == []
     broken = copy.deepcopy(doc)
     break_it(broken)
@@ -264,7 +265,8 @@ def test_index_job_writes_the_volume_the_replicas_read():
     from service.cli import data_app, index_app
 
     docs = applied()
-    deployment, job, service, pdb = (one(docs, k) for k in ("Deployment", "Job", "Service", "PodDisruptionBudget"))
+    deployment, service, pdb = (one(docs, k) for k in ("Deployment", "Service", "PodDisruptionBudget"))
+    job = one(docs, "Job", "erc-index")
     pod, job_pod = _pod(deployment), _pod(job)
     [index_root] = _image_env("ERC_INDEX_ROOT")
     [data_dir] = _image_env("ERC_DATA_DIR")
@@ -280,8 +282,7 @@ def test_index_job_writes_the_volume_the_replicas_read():
     assert "ensure" in {c.name for c in index_app.registered_commands}
     job_mount, job_claim = index_mount(job_pod, builder)
     assert job_claim["claimName"] == claim["claimName"] and not job_mount.get("readOnly")
-    pvc = one(docs, "PersistentVolumeClaim")
-    assert pvc["metadata"]["name"] == claim["claimName"]
+    pvc = one(docs, "PersistentVolumeClaim", claim["claimName"])
     assert "ReadWriteMany" in pvc["spec"]["accessModes"]  # one writer, readers on any node
     # The data the build reads: fetched by an init container into the volume the builder reads.
     [fetch] = job_pod["initContainers"]
@@ -491,7 +492,13 @@ def test_one_autoscaler_on_the_queue(exported):
         one(docs, k) for k in ("Deployment", "ScaledObject", "PodDisruptionBudget", "ServiceMonitor")
     )
     # KEDA creates the HPA: a second autoscaler on the same Deployment would fight it.
-    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    autoscalers = [
+        d
+        for d in docs
+        if d["kind"] in {"HorizontalPodAutoscaler", "ScaledObject"}
+        and d["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    ]
+    assert autoscalers == [scaled]
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert spec.get("scaleTargetRef", {}).get("kind", "Deployment") == "Deployment"
