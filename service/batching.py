@@ -97,7 +97,7 @@ class MicroBatcher(Generic[T, R]):
                 if not call.future.done():
                     call.future.set_exception(error)
                 call.taken = len(call.items)  # nothing more of it runs
-            else:
+            elif results is not None:  # always, without an error
                 call.results.extend(results[offset : offset + b - a])
                 offset += b - a
                 if len(call.results) == len(call.items) and not call.future.done():

@@ -63,7 +63,7 @@ _COSMIC_FILES = {
     "iemocap": "IEMOCAP/iemocap.pkl.json",
     "emorynlp": "EmoryNLP/EmoryNLP.pkl.json",
 }
-_CSV_FILES = {
+_CSV_FILES: dict[str, dict[str, str]] = {
     "meld": {s: f"MELD/{n}_sent_emo.csv" for s, n in zip(SPLITS, ("train", "dev", "test"))},
     "emorynlp": {s: f"EmoryNLP/emorynlp_{n}_final.csv" for s, n in zip(SPLITS, ("train", "dev", "test"))},
     "dailydialog": {

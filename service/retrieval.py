@@ -154,6 +154,7 @@ class Encoder:
                 return np.zeros((0, self.dimension), dtype=np.float32)
             vectors = self.exported.encode(list(texts), self.batch_size)
         else:
+            assert self.model is not None  # loaded whenever there is no export
             vectors = self.model.encode(
                 list(texts),
                 batch_size=self.batch_size,
