@@ -34,8 +34,10 @@ PREFIX_HIT_RATE = Gauge("erc_prefix_cache_hit_rate", "Prefix-cache hits / querie
 ENGINE_ALIVE = Gauge("erc_engine_alive", "1 while the engine runs, 0 before it starts or after it died.")
 REJECTED = Counter(
     "erc_rejected_requests_total",
-    "Requests refused or cut short: overload (429), deadline (504), client_gone, unauthorized (401), "
-    "body_too_large (413), body_timeout (408), draining (503), engine_failed (500).",
+    "Requests answered with an error body, by its type (service/exceptions.py): overload and overload_tokens "
+    "(429), deadline (504), client_gone, unauthorized (401), body_too_large (413), body_timeout (408), draining and "
+    "unavailable (503), engine_failed (500), invalid_request, limit_exceeded, label_set_unavailable, "
+    "prompt_too_long and too_many_tokens (422).",
     ["reason"],
 )
 INFLIGHT = Gauge("erc_inflight_requests", "Prediction requests being served.")
