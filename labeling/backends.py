@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from service.client import RetryPolicy
 from service.labels import LABEL_SETS
 from service.schemas import DialogueIn
 
@@ -45,6 +46,17 @@ class Backend(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
+def _dialogue_errors() -> tuple[type[Exception], ...]:
+    """What one dialogue can cause, so that it alone goes to the errors file: a limit (the
+    service's :class:`~service.exceptions.LimitError`, a prompt too long among them), or the
+    engine's own refusal of its prompt where the engine raises one of its own types."""
+    from service import engine
+    from service.exceptions import LimitError
+
+    own = (getattr(engine, name, None) for name in ("PromptTooLong", "TooMuchWork"))
+    return (LimitError, *(t for t in own if isinstance(t, type) and issubclass(t, Exception)))
+
+
 def _limit_reason(exc: Exception) -> str:
     loc = [str(x) for x in getattr(exc, "loc", ())]
     loc = loc[1:] if loc[:1] == ["body"] else loc
@@ -56,7 +68,8 @@ class InProcess:
     """One engine in this process, loaded by :func:`service.api.load_service` (the server's own
     loading: spec, indexes, encoder, engine, warm-up). ``fresh_process``: nothing in this process
     has run torch yet, so the engine's processes may be forked from it, as ``erc serve`` does
-    (``erc label``, a Ray actor); elsewhere (tests, a notebook) they are spawned."""
+    (``erc label``); elsewhere (tests, a notebook, a Ray actor: see labeling/ray_job.py) they
+    are spawned."""
 
     def __init__(self, settings: Any, label_set: str | None = None, *, fresh_process: bool = True) -> None:
         from service import start_method
@@ -103,23 +116,22 @@ class InProcess:
         return [[next(scored).prediction for _ in range(n)] for n in sizes]
 
     async def label(self, dialogues: Sequence[DialogueIn]) -> list[Outcome]:
-        from service.engine import PromptTooLong, TooMuchWork
-        from service.predictor import LimitError, check_dialogue
+        from service.predictor import check_dialogue
 
         from service.data import Dialogue, Turn
 
         # The predictor's own dialogue type, as the HTTP layer hands it over.
         dialogues = [Dialogue(d.id or "", tuple(Turn(t.speaker, t.text) for t in d.turns)) for d in dialogues]
+        per_dialogue = _dialogue_errors()
         outcomes: list[Outcome | None] = [None] * len(dialogues)
         valid = []
         for i, d in enumerate(dialogues):
             try:
                 check_dialogue(d, [], self.settings)
-            except LimitError as exc:
+            except per_dialogue as exc:
                 outcomes[i] = Outcome(error=_limit_reason(exc))
             else:
                 valid.append(i)
-        per_dialogue = (PromptTooLong, TooMuchWork, LimitError)
         try:
             # The whole chunk in one call: one engine batch, as /predict_dialogue sends it.
             results = await self._run([dialogues[i] for i in valid])
@@ -150,6 +162,9 @@ class Remote:
 
     #: Statuses no dialogue causes: the run stops instead of filling the errors file.
     FATAL = frozenset({401, 403, 404, 429, 503})
+    #: A batch job rides out overload: a request is retried for as long as 10 minutes of
+    #: refusals (429, 503) in a row, however many that takes; then the run stops (and resumes).
+    RETRY = RetryPolicy(attempts=None, budget_s=600.0)
 
     def __init__(
         self,
@@ -161,10 +176,10 @@ class Remote:
         retry: Any = None,
         timeout: float = 150.0,
     ) -> None:
-        from service.client import AsyncERCClient, RetryPolicy
+        from service.client import AsyncERCClient
 
         self.client = AsyncERCClient(
-            url, api_key=api_key, retry=retry or RetryPolicy(), timeout=timeout, max_connections=concurrency
+            url, api_key=api_key, retry=retry or self.RETRY, timeout=timeout, max_connections=concurrency
         )
         self.url = url
         self.requested = label_set

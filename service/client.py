@@ -64,10 +64,11 @@ class ERCConnectionError(ERCError):
 @dataclass(frozen=True)
 class RetryPolicy:
     """How 429, 503 and refused connections are retried: at most ``attempts`` tries in all
-    (the first included) and at most ``budget_s`` seconds of waiting in all; each wait is the
-    server's ``Retry-After`` (``default_wait_s`` without one), capped at ``max_wait_s``."""
+    (the first included; None: as many as the time budget allows) and at most ``budget_s``
+    seconds of waiting in all; each wait is the server's ``Retry-After`` (``default_wait_s``
+    without one), capped at ``max_wait_s``."""
 
-    attempts: int = 8
+    attempts: int | None = 8
     budget_s: float = 120.0
     default_wait_s: float = 1.0
     max_wait_s: float = 30.0
@@ -162,7 +163,7 @@ class _Common:
         """Seconds to wait before the next try, or None when the budget is spent."""
         policy = self.retry
         wait = min(retry_after_s(retry_after, policy.default_wait_s), policy.max_wait_s)
-        if attempt + 1 >= policy.attempts or waited + wait > policy.budget_s:
+        if (policy.attempts is not None and attempt + 1 >= policy.attempts) or waited + wait > policy.budget_s:
             return None
         self.stats.retried(cause)
         return wait

@@ -162,3 +162,15 @@ def test_the_serving_runtime_does_not_import_the_client():
     code = "import sys, service.client; print(sorted(m for m in sys.modules if m.startswith('service')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert set(eval(out)) <= {"service", "service.client", "service.schemas", "service.labels"}
+
+
+def test_a_time_budget_alone_bounds_the_retries():
+    script = Script(*[(429, {"Retry-After": "0"}, {"detail": []})] * 20, (200, {}, PREDICT))
+    patient = RetryPolicy(attempts=None, budget_s=1.0)
+    with ERCClient("http://erc", transport=httpx.MockTransport(script), retry=patient) as client:
+        assert client.predict(DIALOGUE).label == "neutral"
+    assert client.stats.retries == {"429": 20}
+    script = Script((503, {"Retry-After": "0.2"}, {"detail": []}))
+    with ERCClient("http://erc", transport=httpx.MockTransport(script), retry=patient) as client:
+        with pytest.raises(ERCHTTPError, match="503 after 5 retries"):
+            client.predict(DIALOGUE)
