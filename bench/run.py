@@ -16,6 +16,7 @@ import httpx
 from bench.launcher import ServerProcess
 
 from service import provenance
+from service.client import AsyncERCClient, ERCClient, RetryPolicy
 from service.data import Dialogue, load_split
 from service.settings import Settings
 
@@ -89,15 +90,14 @@ def _latency_level(base: str, bodies: list[dict], concurrency: int, total: int) 
     async def run() -> list[float]:
         latencies: list[float] = []
         queue = iter(range(total))
-        async with httpx.AsyncClient(
-            base_url=base, timeout=300, limits=httpx.Limits(max_connections=concurrency)
-        ) as client:
+        # No retries: a refusal would be a figure of its own, not a slower request.
+        async with AsyncERCClient(base, timeout=300, max_connections=concurrency, retry=RetryPolicy.never()) as client:
 
             async def worker() -> None:
                 for n in queue:
+                    body = bodies[n % len(bodies)]
                     start = time.perf_counter()
-                    response = await client.post("/predict", json=bodies[n % len(bodies)])
-                    response.raise_for_status()
+                    await client.predict(body["dialogue"], target=body["target"])
                     latencies.append(time.perf_counter() - start)
 
             began = time.perf_counter()
@@ -193,14 +193,12 @@ def _prod(shape: Sequence[int]) -> int:
 # --- the run ----------------------------------------------------------------------------------------
 def _batch_pass(server: Server, data: Sequence[Dialogue]) -> dict[str, float]:
     """One ``/predict_dialogue`` of every dialogue (a cold prefix cache), with the engine's counters."""
-    body = {
-        "dialogues": [{"id": d.id, "turns": [{"speaker": t.speaker, "text": t.text} for t in d.turns]} for d in data]
-    }
+    dialogues = [_api_dialogue(d) for d in data]
     before = server.metrics()
-    start = time.perf_counter()
-    response = httpx.post(f"{server.base}/predict_dialogue", json=body, timeout=3600)
-    response.raise_for_status()
-    wall = time.perf_counter() - start
+    with ERCClient(server.base, timeout=3600, retry=RetryPolicy.never()) as client:
+        start = time.perf_counter()
+        client.predict_dialogue(dialogues)
+        wall = time.perf_counter() - start
     after = server.metrics()
 
     def delta(name: str) -> float:
@@ -213,6 +211,29 @@ def _batch_pass(server: Server, data: Sequence[Dialogue]) -> dict[str, float]:
         "queried": delta("erc_prefix_cache_queried_tokens_total"),
         "hits": delta("erc_prefix_cache_hit_tokens_total"),
     }
+
+
+def _api_dialogue(d: Dialogue) -> dict[str, Any]:
+    return {"id": d.id, "turns": [{"speaker": t.speaker, "text": t.text} for t in d.turns]}
+
+
+def _label_pass(data: Sequence[Dialogue], env: dict[str, str]) -> dict[str, float]:
+    """``erc label`` in-process on the same dialogues, in its own process (as a user runs it,
+    its engine loaded as ``erc serve`` loads it): its labelling rate, engine loading apart."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    erc = str(Path(sys.executable).with_name("erc"))
+    with tempfile.TemporaryDirectory(prefix="erc-bench-label-") as tmp:
+        src, stats = Path(tmp) / "dialogues.jsonl", Path(tmp) / "stats.json"
+        src.write_text("".join(json.dumps(_api_dialogue(d)) + "\n" for d in data))
+        out = Path(tmp) / "labels.jsonl"
+        args = [erc, "label", str(src), "-o", str(out), "--no-progress", "--stats-json", str(stats)]
+        subprocess.run(args, env={**os.environ, **env}, check=True, stdout=subprocess.DEVNULL)
+        summary = json.loads(stats.read_text())
+    return {k: summary[k] for k in ("utterances", "seconds", "load_seconds", "utterances_per_s")}
 
 
 def _latency_levels(server: Server, data: Sequence[Dialogue], levels: Sequence[int], requests: int) -> tuple:
@@ -293,6 +314,8 @@ def run(
         finally:
             server.stop()
         probes["service_after"] = matmul_probe(dtype)
+        # Right after the service's batch pass, on the same dialogues and compile cache.
+        labelled = _label_pass(data, env)
         server = Server(port, {**env, "ERC_ENFORCE_EAGER": "true"})
         try:
             cold["eager"] = server.wait_ready()
@@ -324,6 +347,8 @@ def run(
         "utterances": n_utt,
         "predict_dialogue": {"wall_s": batch["wall_s"], "utterances_per_s": utt_per_s},
         "predict_dialogue_eager": {"wall_s": eager["wall_s"], "utterances_per_s": eager["utterances_per_s"]},
+        "label_in_process": labelled,
+        "label_over_predict_dialogue": labelled["utterances_per_s"] / utt_per_s,
         "baselines": baselines,
         "ratio_over_baseline": {d: utt_per_s / b["utterances_per_s"] for d, b in baselines.items()},
         "ratio_adjusted_for_probe": {d: utt_per_s / b["utterances_per_s"] / speed for d, b in baselines.items()},
@@ -397,6 +422,14 @@ def write_report(result: dict[str, Any], md: Path, png: Path, command: str) -> N
         else f"The probe moved {r['probe_spread']:.2f}x within this run."
     )
     base = r.get("baseline_model", r["model"])
+    lab = r.get("label_in_process")
+    label_row = (
+        f"| `erc label` in-process, the same dialogues (its own process; engine loading of {lab['load_seconds']:.1f} s apart) "
+        f"| {lab['utterances_per_s']:.2f} utterances/s ({lab['seconds']:.1f} s), **{r['label_over_predict_dialogue']:.2f}x** "
+        "`/predict_dialogue` | >= 0.9x |\n"
+        if lab
+        else ""
+    )
     baseline_on = f", naive baselines on the float `{base}` it was quantized from" if base != r["model"] else ""
     md.write_text(
         f"""# Benchmarks
@@ -413,7 +446,7 @@ Reproduce with:
 |---|---|---|
 | `/predict_dialogue` throughput, compiled engine | {r["predict_dialogue"]["utterances_per_s"]:.2f} utterances/s ({r["predict_dialogue"]["wall_s"]:.1f} s, cold prefix cache) | |
 | `/predict_dialogue` throughput, eager engine (`ERC_ENFORCE_EAGER=true`) | {r["predict_dialogue_eager"]["utterances_per_s"]:.2f} utterances/s | |
-| naive baseline, float32 (transformers `generate`, batch 8, greedy; what a CPU user runs by default) | {b32["utterances_per_s"]:.2f} utterances/s ({b32["utterances"]} utterances) | |
+{label_row}| naive baseline, float32 (transformers `generate`, batch 8, greedy; what a CPU user runs by default) | {b32["utterances_per_s"]:.2f} utterances/s ({b32["utterances"]} utterances) | |
 | naive baseline, bfloat16 | {b16["utterances_per_s"]:.2f} utterances/s ({b16["utterances"]} utterances) | |
 | **ratio service / float32 baseline** | **{r["ratio_over_baseline"]["float32"]:.2f}x** | >= 6x |
 | **ratio service / bfloat16 baseline** | **{r["ratio_over_baseline"]["bfloat16"]:.2f}x** | >= 4x |
