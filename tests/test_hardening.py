@@ -301,7 +301,10 @@ def test_erc_serve_refuses_to_start_with_blank_keys():
         text=True,
         timeout=120,
     )
-    assert out.returncode == 1 and "not starting: ERC_API_KEYS is set but holds no key" in out.stderr
+    # 78 (EX_CONFIG): a restart with the same settings cannot help, and the message says so.
+    assert out.returncode == 78, out.stderr
+    assert "not starting: ERC_API_KEYS is set but holds no key" in out.stderr
+    assert "a restart will not fix this" in out.stderr
 
 
 def test_keys_file_is_reloaded_without_a_restart(tmp_path):
