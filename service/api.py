@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import errors, middleware
-from service.routes import predict, probes
+from service.routes import playground, predict, probes
 from service.security import KeyRing
 from service.settings import Settings, get_settings
 from service.startup import StartupError, explain
@@ -108,4 +108,5 @@ def create_app(settings: Settings | None = None, loader: Loader = load_service) 
     errors.register(app)
     app.include_router(predict.router)
     app.include_router(probes.router)
+    app.include_router(playground.router)
     return app
