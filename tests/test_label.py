@@ -4,10 +4,14 @@ service admitting one request at a time, SIGKILL and ``--resume``, and a local R
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,6 +212,56 @@ def test_chunks_never_split_a_dialogue():
     assert [[r.ordinal for r in c] for c in cut] == [[0, 1], [2], [3, 4]]
 
 
+def _refusals() -> list:
+    """What an engine raises for one prompt it will not take: the service's own type, and the
+    engine module's where it has one."""
+    from service import engine, exceptions
+
+    found = [exceptions.PromptTooLong("prompt of 9999 tokens exceeds the model's limit (ERC_MAX_MODEL_LEN)")]
+    if hasattr(engine, "PromptTooLong"):
+        found.append(engine.PromptTooLong(9999, 2040))
+    return found
+
+
+@pytest.mark.parametrize("refusal", _refusals(), ids=lambda e: type(e).__module__)
+def test_in_process_backend_sends_a_chunk_as_one_batch_and_isolates_a_bad_dialogue(refusal):
+    """The in-process backend on the service's predictor (an engine double): limits per
+    dialogue, one engine call for the chunk, and a prompt the engine refuses costs its own
+    dialogue only."""
+    from labeling.backends import InProcess
+    from service.predictor import Predictor
+    from service.schemas import DialogueIn
+    from service.settings import Settings
+    from service.spec import Demonstrations, ServingSpec
+    from service.state import ServiceState
+    from tests.doubles import FakeEngine
+
+    class Refusing(FakeEngine):
+        async def classify(self, prompts, labels, decoding=None, priority=0):
+            if any("refuse me" in p for p in prompts):
+                self.calls.append(list(prompts))
+                raise refusal
+            return await super().classify(prompts, labels, decoding, priority)
+
+    settings = Settings(max_turns=4)
+    engine = Refusing()
+    backend = InProcess(settings, fresh_process=False)
+    spec = ServingSpec(demonstrations=Demonstrations(k=0), model_name="fake")
+    backend.state = ServiceState(predictor=Predictor(backend.settings, spec, engine, {}), engine=engine)
+    backend.label_set, backend.model = "meld", "fake"
+    dialogues = [DialogueIn.model_validate(_dialogue(i, n)) for i, n in enumerate([2, 5, 3])]
+    outcomes = asyncio.run(backend.label(dialogues))
+    assert [len(o.predictions or []) for o in outcomes] == [2, 0, 3]
+    assert outcomes[1].error == "turns: 5 turns exceed the limit of 4 (ERC_MAX_TURNS)"
+    assert [len(c) for c in engine.calls] == [5]  # the two valid dialogues, one batch
+
+    dialogues[2] = DialogueIn.model_validate({"id": "x", "turns": [{"speaker": "a", "text": "refuse me"}]})
+    engine.calls.clear()
+    outcomes = asyncio.run(backend.label(dialogues))
+    assert [len(c) for c in engine.calls] == [3, 2, 1]  # the batch, then each valid dialogue alone
+    assert outcomes[0].predictions and outcomes[1].error and "ERC_MAX_MODEL_LEN" in outcomes[2].error
+
+
 MEMORY_RUN = """
 import asyncio, json, resource, sys
 from pathlib import Path
@@ -241,3 +295,135 @@ def test_memory_stays_flat_from_ten_thousand_to_a_million_utterances(tmp_path):
     print(f"peak RSS: {figures}")
     assert large["maxrss_mb"] - small["maxrss_mb"] < 50, (small, large)
     assert sum(1 for _ in (tmp_path / "out-1000000.jsonl").open()) == 1_000_000
+
+
+# --- the real engine -------------------------------------------------------------------------------
+# One server for the module (ERC_MAX_INFLIGHT=1: a second request at once is a 429), a few MELD
+# test dialogues, and the in-process run's rows as the reference every other mode must match.
+# Every engine here runs float32, which is batch-invariant: one dialogue per request and a whole
+# chunk in one batch give the same scores, so labels can be compared exactly (bfloat16, what
+# ERC_DTYPE=auto picks on a CPU with BF16 instructions, moves scores with the batch's make-up).
+FLOAT32 = {"ERC_DTYPE": "float32"}
+
+
+@pytest.fixture(scope="module")
+def sample(data_dir, tmp_path_factory) -> Path:
+    from service.data import load_split
+
+    dialogues = load_split(data_dir, "meld", "test", "csv")[:8]
+    path = tmp_path_factory.mktemp("label") / "meld-test-8.jsonl"
+    return _jsonl(
+        path, [{"id": d.id, "turns": [{"speaker": t.speaker, "text": t.text} for t in d.turns]} for d in dialogues]
+    )
+
+
+@pytest.fixture(scope="module")
+def server(settings, tmp_path_factory):
+    from bench.launcher import ServerProcess, free_port
+    from tests.conftest import require
+
+    require(settings.index_root / "meld" / "manifest.json", "run `erc index build --dataset meld`")
+    log = tmp_path_factory.mktemp("label-server") / "server.log"
+    process = ServerProcess(free_port(), {"ERC_MAX_INFLIGHT": "1", **FLOAT32}, log=log)
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    """Filled by the in-process test: its rows, by (dialogue id, turn)."""
+    return {}
+
+
+def _erc_label(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, **FLOAT32}
+    result = subprocess.run([ERC, "label", *args, "--no-progress"], capture_output=True, text=True, env=env)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _same_labels(rows: list[dict], reference: dict) -> None:
+    assert reference, "the in-process test did not run first"
+    keys = [(r["dialogue_id"], r["turn"]) for r in rows]
+    assert len(keys) == len(set(keys)), "an utterance was labelled twice"
+    for row in rows:
+        want = reference[(row["dialogue_id"], row["turn"])]
+        assert row["label"] == want["label"], (row, want)
+        # float32 is batch-invariant here (README): one dialogue per request gives the batch's scores.
+        assert row["scores"] == pytest.approx(want["scores"], abs=1e-4)
+
+
+def test_in_process_label_keeps_up_with_predict_dialogue(server, sample, tmp_path, reference):
+    from service.client import ERCClient
+
+    dialogues = [json.loads(line) for line in sample.read_text().splitlines()]
+    utterances = sum(len(d["turns"]) for d in dialogues)
+    with ERCClient(server.base) as client:
+        began = time.perf_counter()
+        batch = client.predict_dialogue(dialogues)
+        served = utterances / (time.perf_counter() - began)
+    out, stats = tmp_path / "labels.jsonl", tmp_path / "stats.json"
+    _erc_label(str(sample), "-o", str(out), "--stats-json", str(stats))
+    summary = json.loads(stats.read_text())
+    rows = _rows(out)
+    assert [(r["dialogue_id"], r["turn"]) for r in rows] == [
+        (d["id"], t) for d in dialogues for t in range(len(d["turns"]))
+    ]
+    assert [r["label"] for r in rows] == [p.label for result in batch.results for p in result.predictions]
+    reference.update({(r["dialogue_id"], r["turn"]): r for r in rows})
+    print(f"erc label in-process {summary['utterances_per_s']:.2f} utt/s, /predict_dialogue {served:.2f} utt/s")
+    assert summary["utterances"] == utterances and summary["errors"] == 0 and summary["mode"] == "in-process"
+    assert summary["utterances_per_s"] >= 0.9 * served, (summary, served)
+
+
+def test_url_labels_every_utterance_once_through_429s(server, sample, tmp_path, reference):
+    out, stats = tmp_path / "labels.parquet", tmp_path / "stats.json"
+    _erc_label(str(sample), "-o", str(out), "--url", server.base, "--concurrency", "8", "--stats-json", str(stats))
+    summary = json.loads(stats.read_text())
+    rows = _rows(out)
+    assert [(r["dialogue_id"], r["turn"]) for r in rows] == list(reference)
+    _same_labels(rows, reference)
+    print(f"--url --concurrency 8 against ERC_MAX_INFLIGHT=1: retries {summary['client']['retries']}")
+    assert summary["client"]["retries"].get("429", 0) > 0 and summary["errors"] == 0
+
+
+def test_sigkill_half_way_then_resume_labels_each_utterance_exactly_once(server, sample, tmp_path, reference):
+    out = tmp_path / "labels.jsonl"
+    args = [str(sample), "-o", str(out), "--url", server.base, "--concurrency", "1", "--chunk-size", "1"]
+    args += ["--inflight", "1"]
+    process = subprocess.Popen(
+        [ERC, "label", *args, "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    manifest = parts_dir(out) / "manifest.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if manifest.is_file() and json.loads(manifest.read_text())["next_chunk"] >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(manifest.read_text())
+    assert not killed_at["complete"] and not out.exists(), killed_at
+    assert 3 <= killed_at["next_ordinal"] < 8
+    result = _erc_label(*args, "--resume")
+    assert f"resumed after {killed_at['next_ordinal']} dialogues" in result.stdout
+    rows = _rows(out)
+    assert [(r["dialogue_id"], r["turn"]) for r in rows] == list(reference)
+    _same_labels(rows, reference)
+
+
+def test_local_ray_with_one_actor_gives_the_in_process_labels(sample, tmp_path, reference):
+    pytest.importorskip("ray")
+    small = _jsonl(tmp_path / "in.jsonl", sample.read_text().splitlines()[:3] + ["{bad"])
+    out, stats = tmp_path / "labels.parquet", tmp_path / "stats.json"
+    _erc_label(str(small), "-o", str(out), "--ray", "local", "--concurrency", "1", "--stats-json", str(stats))
+    rows = _rows(out)
+    ids = [json.loads(line)["id"] for line in small.read_text().splitlines()[:3]]
+    assert [(r["dialogue_id"], r["turn"]) for r in rows] == [k for k in reference if k[0] in ids]
+    _same_labels(rows, reference)
+    assert [e["line"] for e in _rows(errors_path(out))] == [4]
+    assert json.loads(stats.read_text())["mode"] == "ray"
