@@ -94,10 +94,16 @@ class InProcess:
 
     async def start(self) -> None:
         from service.api import load_service
+        from service.startup import explain
         from service.state import ServiceState
 
         self.state = ServiceState()
-        await load_service(self.settings, self.state)
+        try:
+            await load_service(self.settings, self.state)
+        except Exception as exc:
+            # The server's own diagnosis of a failed load: what is wrong and what to do.
+            failure = explain(exc)
+            raise LabelRunError(f"the model could not be loaded: {failure.cause}. Fix: {failure.fix}") from exc
         predictor = self.state.predictor
         name = self.requested or predictor.spec.default_label_set
         if name not in predictor.served:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -9,6 +10,7 @@ import typer
 from labeling.backends import LabelRunError
 from labeling.readers import Columns, InputError
 from labeling.run import Options, Summary, label, write_stats
+from labeling.store import parts_dir
 
 
 def main(
@@ -63,11 +65,19 @@ def main(
     except InputError as exc:
         raise _fail(str(exc)) from None
     except LabelRunError as exc:
-        raise _fail(f"{exc}; the chunks committed so far are kept: rerun with --resume") from None
+        raise _fail(f"{exc}{_resumable(output)}") from None
     except KeyboardInterrupt:
-        typer.echo("interrupted: the chunks committed so far are kept; rerun with --resume to continue", err=True)
+        typer.echo(f"interrupted{_resumable(output)}", err=True)
         raise typer.Exit(130) from None
     _report(summary, stats_json)
+
+
+def _resumable(output: Path) -> str:
+    """What a stopped run leaves: committed chunks to resume from, or nothing."""
+    manifest = parts_dir(output) / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("next_chunk", 0) > 0:
+        return "; the chunks committed so far are kept: rerun with --resume to continue"
+    return ""
 
 
 def _report(summary: Summary, stats_json: Path | None) -> None:

@@ -130,6 +130,10 @@ async def label_async(options: Options, backend: Backend, mode: str) -> Summary:
         load_s = time.monotonic() - began
         store.check_model(backend.model, backend.labels)
         summary = await _pipeline(options, backend, reader, store, fmt)
+    except BaseException:
+        # A run that committed nothing leaves nothing to resume.
+        store.discard_if_empty()
+        raise
     finally:
         await backend.close()
     return Summary(

@@ -230,6 +230,15 @@ class Store:
         )
         self._write_manifest()
 
+    @property
+    def committed(self) -> int:
+        """Chunks committed so far (by this run and the runs it resumes)."""
+        return self.state["next_chunk"]
+
+    def discard_if_empty(self) -> None:
+        if self.committed == 0 and self.dir.is_dir():
+            shutil.rmtree(self.dir)
+
     def finalize(self, labels: Sequence[str]) -> None:
         """Concatenate the parts into OUTPUT (and the errors file), then remove the folder."""
         self.state["complete"] = True

@@ -191,6 +191,18 @@ def test_a_crash_loses_only_uncommitted_chunks_and_resume_labels_each_utterance_
         label(options, Double(), "double")
 
 
+def test_a_run_that_commits_nothing_leaves_nothing_to_resume(tmp_path):
+    class NoEngine(Double):
+        async def start(self) -> None:
+            raise LabelRunError("the model could not be loaded")
+
+    src = _jsonl(tmp_path / "in.jsonl", [_dialogue(0)])
+    with pytest.raises(LabelRunError):
+        label(Options(src, tmp_path / "out.jsonl", progress=False), NoEngine(), "double")
+    assert not parts_dir(tmp_path / "out.jsonl").exists()
+    label(Options(src, tmp_path / "out.jsonl", progress=False), Double(), "double")
+
+
 def test_resume_refuses_a_changed_input(tmp_path):
     src = _jsonl(tmp_path / "in.jsonl", [_dialogue(i) for i in range(6)])
     out = tmp_path / "out.jsonl"
