@@ -114,20 +114,20 @@ class InProcess:
     async def _run(self, dialogues: Sequence[Any]) -> list[list[Any]]:
         from service.predictor import BATCH, Item
 
-        items, sizes = [], []
+        items: list[Item] = []
+        sizes: list[int] = []
         for dialogue in dialogues:
             items.extend(Item(dialogue, t) for t in range(len(dialogue.turns)))
             sizes.append(len(dialogue.turns))
         scored = iter(await self.state.predictor.run(items, self.label_set, priority=BATCH))
         return [[next(scored).prediction for _ in range(n)] for n in sizes]
 
-    async def label(self, dialogues: Sequence[DialogueIn]) -> list[Outcome]:
+    async def label(self, received: Sequence[DialogueIn]) -> list[Outcome]:
+        from service.data import Dialogue, Turn
         from service.predictor import check_dialogue
 
-        from service.data import Dialogue, Turn
-
         # The predictor's own dialogue type, as the HTTP layer hands it over.
-        dialogues = [Dialogue(d.id or "", tuple(Turn(t.speaker, t.text) for t in d.turns)) for d in dialogues]
+        dialogues = [Dialogue(d.id or "", tuple(Turn(t.speaker, t.text) for t in d.turns)) for d in received]
         per_dialogue = _dialogue_errors()
         outcomes: list[Outcome | None] = [None] * len(dialogues)
         valid = []

@@ -77,7 +77,7 @@ class RayLabeller:
             if outcome.error is not None:
                 row(ordinal=ordinal, line=line, dialogue_id=name, turn=-1, error=outcome.error)
                 continue
-            for turn, (t, p) in enumerate(zip(dialogue.turns, outcome.predictions)):
+            for turn, (t, p) in enumerate(zip(dialogue.turns, outcome.predictions or ())):
                 row(
                     ordinal=ordinal,
                     line=line,
@@ -130,17 +130,17 @@ def _normalise(options: Options, fmt: str, folder: Path, errors: list[dict]) -> 
     reader = open_reader(options.input, fmt, options.columns)
     written = 0
     for n, chunk in enumerate(chunks(reader.records(), options.chunk_utterances, options.chunk_dialogues)):
-        good = [r for r in chunk if r.dialogue is not None]
+        good = [(r, r.dialogue) for r in chunk if r.dialogue is not None]
         bad = [r for r in chunk if r.dialogue is None]
         errors.extend(error_entry(r, r.error or "not readable", fmt) | {"_ordinal": r.ordinal} for r in bad)
         if not good:
             continue
         table = pa.table(
             {
-                "ordinal": [r.ordinal for r in good],
-                "line": [r.line for r in good],
-                "dialogue_id": [output_id(r) for r in good],
-                "dialogue": [r.dialogue.model_dump_json(exclude_none=True) for r in good],
+                "ordinal": [r.ordinal for r, _ in good],
+                "line": [r.line for r, _ in good],
+                "dialogue_id": [output_id(r) for r, _ in good],
+                "dialogue": [d.model_dump_json(exclude_none=True) for _, d in good],
             }
         )
         pq.write_table(table, folder / f"input-{n:06d}.parquet")
@@ -223,7 +223,8 @@ def _merge(
     merged = heapq.merge(*(_rows(f) for f in files), iter(driver), key=lambda v: (v[0], v[3]))
     counts = {"dialogues": 0, "utterances": 0, "errors": 0}
     model, name = None, None
-    rows, errors, dialogues, current = Rows(), [], 0, None
+    rows, dialogues, current = Rows(), 0, None
+    errors: list[dict[str, Any]] = []
 
     def commit(end: int) -> None:
         store.commit(rows, errors, end, dialogues)

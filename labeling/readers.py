@@ -153,25 +153,15 @@ class _Grouper:
         self.first_line: dict[int, int] = {}
 
     def group(self, rows: Iterable[_Row], start: int) -> Iterator[Record]:
-        ordinal, current, held = 0, None, []
-        for row in rows:
-            if row.dialogue_id is None or row.dialogue_id == "":
-                if held:
-                    yield self._record(ordinal, current, held, start)
-                    ordinal += 1
-                    held, current = [], None
-                reason = f"{self.columns.dialogue_id}: the row has no dialogue id"
-                yield Record(ordinal, row.line, None, error=reason) if ordinal >= start else None
-                ordinal += 1
+        for ordinal, (dialogue_id, run) in enumerate(_runs(rows)):
+            if dialogue_id is None:
+                if ordinal >= start:
+                    reason = f"{self.columns.dialogue_id}: the row has no dialogue id"
+                    yield Record(ordinal, run[0].line, None, error=reason)
                 continue
-            if held and row.dialogue_id != current:
-                yield self._record(ordinal, current, held, start)
-                ordinal += 1
-                held = []
-            current = row.dialogue_id
-            held.append(row)
-        if held:
-            yield self._record(ordinal, current, held, start)
+            record = self._record(ordinal, dialogue_id, run, start)
+            if record is not None:
+                yield record
 
     def _record(self, ordinal: int, dialogue_id: str, rows: list[_Row], start: int) -> Record | None:
         key = hash(dialogue_id)
@@ -210,6 +200,20 @@ class _Grouper:
         except ValidationError as exc:
             return Record(ordinal, min(r.line for r in rows), dialogue_id, error=describe(exc, where))
         return Record(ordinal, min(r.line for r in rows), dialogue_id, dialogue)
+
+
+def _runs(rows: Iterable[_Row]) -> Iterator[tuple[str | None, list[_Row]]]:
+    """Consecutive rows of one dialogue id; a row without an id is a run of its own."""
+    current: str | None = None
+    held: list[_Row] = []
+    for row in rows:
+        if held and (row.dialogue_id != current or not row.dialogue_id):
+            yield current, held
+            held = []
+        current = row.dialogue_id or None
+        held.append(row)
+    if held:
+        yield current, held
 
 
 def _is_int(value: Any) -> bool:

@@ -144,6 +144,8 @@ def test_csv_rows_out_of_order_are_sorted_and_a_non_contiguous_dialogue_is_refus
                 ["b", 0, "x", "b0"],
                 ["a", 2, "x", "late"],
                 ["c", 0, "x", ""],
+                [" ", 0, "x", "orphan"],
+                ["d", 0, "x", "d0"],
             ]
         )
     records = list(CsvReader(path, Columns("conv", "n", "who", "said")).records())
@@ -151,7 +153,9 @@ def test_csv_rows_out_of_order_are_sorted_and_a_non_contiguous_dialogue_is_refus
     assert records[1].dialogue_id == "b" and records[1].error is None
     assert "not contiguous" in records[2].error and "line 5" in records[2].error and "line 2" in records[2].error
     assert records[3].error.startswith("turns.0.text (line 6)")
-    assert [r.ordinal for r in records] == [0, 1, 2, 3]
+    assert records[4].error == "conv: the row has no dialogue id" and records[4].line == 7
+    assert records[5].dialogue_id == "d" and records[5].error is None
+    assert [r.ordinal for r in records] == [0, 1, 2, 3, 4, 5]
     with pytest.raises(ValueError, match="no column 'Dialogue_ID'"):
         list(CsvReader(path, Columns()).records())
 
