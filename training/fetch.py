@@ -108,14 +108,14 @@ def check_header(path: Path, backbone: Backbone) -> None:
         found = reader.get_field(key)
         return None if found is None else found.contents()
 
-    architecture = field("general.architecture")
+    # The architecture first: the other keys are named after it.
     expected = {
         "general.architecture": backbone.architecture,
         f"{backbone.architecture}.block_count": backbone.layers,
         f"{backbone.architecture}.embedding_length": backbone.hidden,
     }
     for key, value in expected.items():
-        actual = field(key) if key == "general.architecture" or architecture == backbone.architecture else None
+        actual = field(key)
         if actual != value:
             raise FetchError(
                 f"{backbone.name} ({backbone.packages}): GGUF header {key} expected {value!r}, actual {actual!r}"
