@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_ruff_check_passes():
     result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "service", "training", "bench", "tests"],
+        [sys.executable, "-m", "ruff", "check", "service", "training", "bench", "labeling", "tests"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -21,7 +21,7 @@ def test_ruff_check_passes():
 
 def test_ruff_format_is_applied():
     result = subprocess.run(
-        [sys.executable, "-m", "ruff", "format", "--check", "service", "training", "bench", "tests"],
+        [sys.executable, "-m", "ruff", "format", "--check", "service", "training", "bench", "labeling", "tests"],
         cwd=ROOT,
         capture_output=True,
         text=True,
