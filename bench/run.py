@@ -274,7 +274,7 @@ def run(
     3. eager engine (``ERC_ENFORCE_EAGER``): its cold start and batch throughput.
 
     The matmul probe runs before and after the measured service (2) and before and after the
-    baselines: this machine's speed moved 2-4x within hours (and within runs), so the report
+    baselines: a shared machine's speed moves by the hour and within a run (docs/performance.md), so the report
     shows each phase's probe and the ratios adjusted for it next to the raw ones.
     """
     import tempfile
@@ -477,7 +477,7 @@ Reproduce with:
 ![throughput and latency against concurrency]({png.name})
 
 Raw figures: `{md.with_suffix(".json").name}`. Where the time goes, and what the goals missed
-would take: `profile.md` (py-spy, `python -m bench.profile`).
+would take: `performance.md` (`python -m bench.floor`, `python -m bench.profile`).
 """
     )
     md.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
