@@ -294,6 +294,11 @@ def test_served_default_reproduces_its_card_on_the_card_sample(live, settings, t
 
     record = card.load_sample_record(adapter)
     assert dtype in record, f"{card.SAMPLE_FILE} has no sample figures measured in {dtype}; run `make card`"
+    # An int8 build's unquantized parts run in the engine's dtype: its record holds for that one.
+    recorded_dtype = record[dtype]["measured"]["dtype"]
+    assert recorded_dtype == resolve_dtype(settings.dtype), (
+        f"the {dtype} sample was recorded with ERC_DTYPE resolving to {recorded_dtype}; serve with that"
+    )
     # The recorded labels belong to these utterances: a change of the sample's definition or of
     # the data must re-record them, not compare them with other utterances.
     assert record["sample"] == card.sample_ids(settings), "the card's sample changed; run `make card`"
