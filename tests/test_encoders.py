@@ -66,7 +66,9 @@ def test_backend_retrieves_what_torch_retrieves(exported, encoder, meld_index, d
     want_scores, want = meld_index.index.search(encoder.embed(dev_texts), 10)
     got_scores, got = meld_index.index.search(backend.embed(dev_texts), 10)
     differing = np.where((want != got).any(1))[0]
-    assert len(differing) <= 0.02 * len(dev_texts)
+    # How many exact ties flip depends on the CPU's kernels; the loop below is the check: every
+    # difference is a tie. The bound only catches a wholesale change early with a readable count.
+    assert len(differing) <= 0.05 * len(dev_texts), f"{len(differing)} of {len(dev_texts)} queries differ"
     for i in differing:
         for rank in np.where(want[i] != got[i])[0]:
             assert abs(want_scores[i][rank] - got_scores[i][rank]) < 1e-5
