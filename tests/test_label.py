@@ -315,22 +315,33 @@ def test_memory_stays_flat_from_ten_thousand_to_a_million_utterances(tmp_path):
 
 # --- the real engine -------------------------------------------------------------------------------
 # One server for the module (ERC_MAX_INFLIGHT=1: a second request at once is a 429), a few MELD
-# test dialogues, and the in-process run's rows as the reference every other mode must match.
+# test dialogues, and an in-process run's rows as the reference every other mode must match.
 # Every engine here runs float32, which is batch-invariant: one dialogue per request and a whole
 # chunk in one batch give the same scores, so labels can be compared exactly (bfloat16, what
 # ERC_DTYPE=auto picks on a CPU with BF16 instructions, moves scores with the batch's make-up).
 FLOAT32 = {"ERC_DTYPE": "float32"}
 
 
-@pytest.fixture(scope="module")
-def sample(data_dir, tmp_path_factory) -> Path:
+def _meld_sample(data_dir: Path, folder: Path, first: int, last: int) -> Path:
     from service.data import load_split
 
-    dialogues = load_split(data_dir, "meld", "test", "csv")[:8]
-    path = tmp_path_factory.mktemp("label") / "meld-test-8.jsonl"
+    dialogues = load_split(data_dir, "meld", "test", "csv")[first:last]
     return _jsonl(
-        path, [{"id": d.id, "turns": [{"speaker": t.speaker, "text": t.text} for t in d.turns]} for d in dialogues]
+        folder / f"meld-test-{first}-{last}.jsonl",
+        [{"id": d.id, "turns": [{"speaker": t.speaker, "text": t.text} for t in d.turns]} for d in dialogues],
     )
+
+
+@pytest.fixture(scope="module")
+def sample(data_dir, tmp_path_factory) -> Path:
+    return _meld_sample(data_dir, tmp_path_factory.mktemp("label"), 0, 8)
+
+
+@pytest.fixture(scope="module")
+def unseen(data_dir, tmp_path_factory) -> Path:
+    """Dialogues no other test sends to the module's server: its prefix cache has not seen them,
+    whichever tests ran before, so the speed comparison is fair in any order."""
+    return _meld_sample(data_dir, tmp_path_factory.mktemp("label-speed"), 8, 16)
 
 
 @pytest.fixture(scope="module")
@@ -349,9 +360,11 @@ def server(settings, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict:
-    """Filled by the in-process test: its rows, by (dialogue id, turn)."""
-    return {}
+def reference(sample, tmp_path_factory) -> dict:
+    """The in-process run's rows on the sample, by (dialogue id, turn): what every mode must match."""
+    out = tmp_path_factory.mktemp("label-reference") / "labels.jsonl"
+    _erc_label(str(sample), "-o", str(out))
+    return {(r["dialogue_id"], r["turn"]): r for r in _rows(out)}
 
 
 def _erc_label(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -363,7 +376,7 @@ def _erc_label(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def _same_labels(rows: list[dict], reference: dict) -> None:
-    assert reference, "the in-process test did not run first"
+    assert reference
     keys = [(r["dialogue_id"], r["turn"]) for r in rows]
     assert len(keys) == len(set(keys)), "an utterance was labelled twice"
     for row in rows:
@@ -373,24 +386,23 @@ def _same_labels(rows: list[dict], reference: dict) -> None:
         assert row["scores"] == pytest.approx(want["scores"], abs=1e-4)
 
 
-def test_in_process_label_keeps_up_with_predict_dialogue(server, sample, tmp_path, reference):
+def test_in_process_label_keeps_up_with_predict_dialogue(server, unseen, tmp_path):
     from service.client import ERCClient
 
-    dialogues = [json.loads(line) for line in sample.read_text().splitlines()]
+    dialogues = [json.loads(line) for line in unseen.read_text().splitlines()]
     utterances = sum(len(d["turns"]) for d in dialogues)
     with ERCClient(server.base) as client:
         began = time.perf_counter()
         batch = client.predict_dialogue(dialogues)
         served = utterances / (time.perf_counter() - began)
     out, stats = tmp_path / "labels.jsonl", tmp_path / "stats.json"
-    _erc_label(str(sample), "-o", str(out), "--stats-json", str(stats))
+    _erc_label(str(unseen), "-o", str(out), "--stats-json", str(stats))
     summary = json.loads(stats.read_text())
     rows = _rows(out)
     assert [(r["dialogue_id"], r["turn"]) for r in rows] == [
         (d["id"], t) for d in dialogues for t in range(len(d["turns"]))
     ]
     assert [r["label"] for r in rows] == [p.label for result in batch.results for p in result.predictions]
-    reference.update({(r["dialogue_id"], r["turn"]): r for r in rows})
     print(f"erc label in-process {summary['utterances_per_s']:.2f} utt/s, /predict_dialogue {served:.2f} utt/s")
     assert summary["utterances"] == utterances and summary["errors"] == 0 and summary["mode"] == "in-process"
     assert summary["utterances_per_s"] >= 0.9 * served, (summary, served)
