@@ -59,6 +59,9 @@ class ServingSpec(BaseModel):
     model_name: str = "model"
     #: An adapter trained on top of another one names it: it is merged into that one's merge.
     base_adapter: str | None = None
+    #: The catalogue backbone (training/backbones.py) an adapter was trained on, merged into its
+    #: converted checkpoint (``weights/<backbone>-base``); None: the embedded SmolLM2 (``weights/base``).
+    backbone: str | None = None
     #: Set by `erc weights build --int8` on the folder it quantizes: ``"int8"`` (weights int8 per
     #: output channel, activations int8 per token at run time; norms and embeddings unquantized).
     quantization: str | None = None

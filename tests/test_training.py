@@ -162,6 +162,77 @@ def test_merge_round_trip(tokenizer, tmp_path):
     assert json.loads((merged_dir / "config.json").read_text())["rope_theta"] == 10000.0
 
 
+def test_merge_keeps_gemma3s_rope_per_attention_type(tokenizer, tmp_path):
+    """Gemma 3 keeps one rope per attention type (sliding and full layers) and no flat
+    rope_theta: the merge must carry that over as the base has it, not require the flat key."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from training.weights import merge_adapter
+
+    def tiny_gemma():
+        torch.manual_seed(0)
+        config = Gemma3TextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+        )
+        return Gemma3ForCausalLM(config)
+
+    base_dir, adapter_dir, merged_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    tiny_gemma().save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    base_config = json.loads((base_dir / "config.json").read_text())
+    assert "rope_theta" not in base_config and len(base_config["rope_parameters"]) == 2
+    peft_model = get_peft_model(
+        tiny_gemma(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    )
+    peft_model.save_pretrained(adapter_dir)
+    ServingSpec(model_name="tiny-gemma", backbone="gemma3-270m").save(adapter_dir)
+    merge_adapter(base_dir, adapter_dir, merged_dir)
+
+    merged_config = json.loads((merged_dir / "config.json").read_text())
+    assert merged_config["rope_parameters"] == base_config["rope_parameters"]
+    assert "rope_theta" not in merged_config
+    assert ServingSpec.load(merged_dir).backbone == "gemma3-270m"
+    ids = torch.tensor([tokenizer("Hello there, how are you?")["input_ids"]])
+    with torch.no_grad():
+        expected = peft_model.eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged_dir).eval()(ids).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_a_backbone_run_names_its_backbone_and_merges_into_it(tmp_path):
+    from pydantic import ValidationError
+
+    from service.served_model import WeightsError
+    from training.trainer import spec_for
+    from training.weights import merge_base
+
+    config = TrainConfig.load(CONFIGS / "study.toml").model_copy(update={"name": "s", "backbone": "gemma3-270m"})
+    spec = spec_for(config)
+    assert spec.backbone == "gemma3-270m" and spec.base_adapter is None
+    assert set(spec.label_sets) == {"meld", "iemocap", "emorynlp"}
+    assert spec_for(config.model_copy(update={"backbone": None})).backbone is None
+    with pytest.raises(ValidationError, match="backbone or base_model"):
+        TrainConfig(name="x", backbone="gemma3-270m", base_model="smollm2-meld-full")
+
+    root = tmp_path / "weights"
+    for name, backbone in (("on-gemma", "gemma3-270m"), ("on-nothing", "no-such-backbone")):
+        folder = root / "adapters" / name
+        folder.mkdir(parents=True)
+        ServingSpec(model_name=name, backbone=backbone).save(folder)
+    assert merge_base(root, root / "adapters" / "on-gemma") == root / "gemma3-270m-base"
+    with pytest.raises(WeightsError, match="unknown backbone 'no-such-backbone'"):
+        merge_base(root, root / "adapters" / "on-nothing")
+
+
 def _calibration(n: int, bias: float, where: str):
     from service.spec import Calibration
 

@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.data import default_source
 
@@ -51,6 +51,10 @@ class TrainConfig(_Section):
     name: str
     #: A folder with a Hugging Face checkpoint, or "embedded" (weights/base, built from the GGUF).
     base_model: str = "embedded"
+    #: Adapt a catalogue backbone (training/backbones.py, converted by ``erc weights build
+    #: --backbone``) instead; its adapters merge into ``weights/<backbone>-base``. Excludes
+    #: ``base_model``.
+    backbone: str | None = None
     dataset: Literal["meld", "iemocap", "emorynlp"] = "meld"
     source: Literal["csv", "cosmic"] = "csv"
     window: int = 12
@@ -100,6 +104,12 @@ class TrainConfig(_Section):
             )
             out.append((part, item.max_train_examples))
         return out
+
+    @model_validator(mode="after")
+    def _one_base(self) -> "TrainConfig":
+        if self.backbone is not None and self.base_model != "embedded":
+            raise ValueError("set backbone or base_model, not both")
+        return self
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":

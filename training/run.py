@@ -20,9 +20,14 @@ Demos = dict[tuple[str, int], list[Shown]]
 
 def base_model_dir(config: TrainConfig, settings: Settings) -> Path:
     """The checkpoint a run adapts: ``embedded`` (weights/base), the name of a committed adapter
-    (trained on top of it: weights/<name>, its merge), or a folder."""
+    (trained on top of it: weights/<name>, its merge), a folder, or the config's catalogue
+    ``backbone`` (weights/<backbone>-base, fetched and converted when missing)."""
     from service.served_model import adapters
-    from training.weights import build_all
+    from training.weights import backbone_dir, build_all, build_backbone
+
+    if config.backbone is not None:
+        build_backbone(settings.weights_root, config.backbone)
+        return backbone_dir(settings.weights_root, config.backbone)
 
     name = "base" if config.base_model == "embedded" else config.base_model
     if name == "base" or name in {a.name for a in adapters(settings.weights_root)}:
@@ -187,9 +192,20 @@ def run(
     limit: int | None = None,
     demonstrations_cache: Path | None = None,
 ) -> dict:
+    return run_config(TrainConfig.load(config_path), resume, settings, out_root, limit, demonstrations_cache)
+
+
+def run_config(
+    config: TrainConfig,
+    resume: bool,
+    settings: Settings,
+    out_root: Path = Path("runs"),
+    limit: int | None = None,
+    demonstrations_cache: Path | None = None,
+) -> dict:
+    """:func:`run` for a config already loaded (the backbone study derives one per candidate)."""
     from training.trainer import train
 
-    config = TrainConfig.load(config_path)
     model, tokenizer = load_lora_model(config, base_model_dir(config, settings))
     train_examples, dev_examples = mixed_examples(config, settings, tokenizer, limit, demonstrations_cache)
     tokens = sum(e.length for e in train_examples)

