@@ -68,14 +68,16 @@ def run_dir(candidate: str) -> Path:
 
 
 def tokens_per_second(history: list[dict[str, Any]]) -> float:
-    """Training prompt tokens per second of step time (a resumed run restarts its clock)."""
-    tokens, seconds, last = 0, 0.0, 0.0
+    """Training prompt tokens per second: the median of the steps' own rates, so that a stretch
+    of other work on the machine (or a resumed run's restarted clock) does not move it."""
+    rates, last = [], 0.0
     for record in history:
         elapsed = record["elapsed_s"]
-        seconds += elapsed - last if elapsed >= last else elapsed
+        seconds = elapsed - last if elapsed >= last else elapsed
         last = elapsed
-        tokens += record["tokens"]
-    return tokens / seconds if seconds else 0.0
+        if seconds > 0:
+            rates.append(record["tokens"] / seconds)
+    return statistics.median(rates) if rates else 0.0
 
 
 def train(candidate: str, settings: Settings, resume: bool) -> dict[str, Any]:
@@ -297,6 +299,8 @@ def table() -> str:
         if c not in dev or c not in speed or c not in trained:
             continue
         d, s, t = dev[c], speed[c], trained[c]
+        # From the checkpoint's own step records, so the figure follows tokens_per_second's rule.
+        rate = tokens_per_second(json.loads((Path(t["checkpoint"]) / "history.json").read_text()))
         per = " | ".join(
             f"{d['label_sets'][ds]['weighted_f1']:.2f} ({d['label_sets'][ds]['calibrated_weighted_f1']:.2f})"
             for ds in DATASETS
@@ -304,7 +308,7 @@ def table() -> str:
         latency = s["predict_p50_ms"] / ref["predict_p50_ms"]
         throughput = s["dialogue_utterances_per_s"] / ref["dialogue_utterances_per_s"]
         lines.append(
-            f"| {c} | {t['train_examples']:,} ({t['prompt_tokens']:,}) | {t['tokens_per_s']:.0f} | {per} "
+            f"| {c} | {t['train_examples']:,} ({t['prompt_tokens']:,}) | {rate:.0f} | {per} "
             f"| {d['mean_weighted_f1']:.2f} | **{d['mean_calibrated_weighted_f1']:.2f}** "
             f"| {s['predict_p50_ms']:.0f} ms ({latency:.2f}x) "
             f"| {s['dialogue_utterances_per_s']:.2f} ({throughput:.2f}x) "
