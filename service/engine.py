@@ -256,6 +256,8 @@ class Engine:
             _AFTER_FORK.clear()
             if processes is not None:
                 processes.set()
+        # Only a started engine keeps group signals out (a failed start must be torn down).
+        engine_process.mark_started(self._stop_file)
         metrics.ENGINE_ALIVE.set(1)
 
     async def shutdown(self) -> None:

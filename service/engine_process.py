@@ -4,10 +4,14 @@
 process group or control group (systemd's default ``KillMode=control-group``, ``tini -g``,
 ``kill -- -PGID``, Ctrl-C in a terminal) reaches the engine's processes as well as the server;
 vLLM's own handlers would stop the engine at once and fail the requests the server is draining.
-:func:`guard` makes those processes ignore such signals while the server lives and has not begun
-to stop the engine itself (:func:`request_stop`, called by :meth:`service.engine.Engine.shutdown`
-before vLLM terminates its processes). When the server is gone, the engine's processes stop on
-their own: a watchdog thread sees it and lets the signal through.
+:func:`guard` makes those processes ignore such signals once the engine has started
+(:func:`mark_started`) while the server lives and has not begun to stop the engine itself
+(:func:`request_stop`, called by :meth:`service.engine.Engine.shutdown` before vLLM terminates its
+processes). Until the engine has started, every signal is honoured: no request can be in flight
+yet, and a start that fails (a KV cache larger than free memory, say) is torn down by vLLM with
+SIGTERM, which must reach its processes for the server to exit with its failure status. When the
+server is gone, the engine's processes stop on their own: a watchdog thread sees it and lets the
+signal through.
 
 **Shared memory.** vLLM passes each step between engine core and worker through two ring buffers
 in ``/dev/shm`` of ten chunks each (16 and 24 MiB chunks by default: 400 MiB, refused up front
@@ -59,6 +63,17 @@ def own_lifetime() -> Path:
     return stop
 
 
+def started_mark(stop: Path) -> Path:
+    """The file that says the engine has started (next to the stop file)."""
+    return stop.with_name("started")
+
+
+def mark_started(stop: Path) -> None:
+    """In the server, once the engine has started: from now on its processes ignore group-wide
+    SIGTERM and SIGINT (until :func:`request_stop`)."""
+    started_mark(stop).touch()
+
+
 def request_stop(stop: Path) -> None:
     """In the server, just before it terminates the engine's processes: from now on they honour
     SIGTERM and SIGINT."""
@@ -94,8 +109,10 @@ def _server_gone() -> bool:
 
 
 def honoured() -> bool:
-    """Whether a SIGTERM or SIGINT arriving now should stop this engine process."""
-    return _Guard.stop is None or _Guard.stop.exists() or _server_gone()
+    """Whether a SIGTERM or SIGINT arriving now should stop this engine process: yes unless the
+    engine has started, is not being stopped, and its server lives."""
+    stop = _Guard.stop
+    return stop is None or not started_mark(stop).exists() or stop.exists() or _server_gone()
 
 
 def _guarded(handler: Any) -> Any:
@@ -132,7 +149,7 @@ def _watch(poll_s: float = 0.5, grace_s: float = 30.0) -> None:
 
 def guard(forked: bool = False) -> None:
     """In an engine process (forked or spawned by the server named in the environment): ignore
-    group-wide SIGTERM and SIGINT while the server lives, and stop when it dies. A no-op in the
+    group-wide SIGTERM and SIGINT while the started engine serves, and stop when the server dies. A no-op in the
     server itself and in processes not started for an engine. Idempotent per process.
     ``forked``: called right after a fork, where the handlers in place are the server's."""
     stop, server = os.environ.get(STOP_FILE_ENV), os.environ.get(SERVER_PID_ENV)

@@ -14,14 +14,16 @@ import pytest
 from service.settings import Settings
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+#: The modules that run containers (tests/containers.py holds their daemon and image).
+CONTAINER_MODULES = ("test_container.py", "test_container_run.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The container module last, for speed only: its bare process then reloads the compile
+    """The container modules last, for speed only: test_container's bare process then reloads the compile
     cache the rest of the suite wrote, and the image build and the replicas' compile do not share
     the two cores with the live tests' deadlines. No test depends on the order (`pytest
     --random-order` shuffles it)."""
-    items.sort(key=lambda item: item.path.name == "test_container.py")
+    items.sort(key=lambda item: item.path.name in CONTAINER_MODULES)
 
 
 def require(path: Path, how: str) -> Path:
@@ -66,3 +68,8 @@ def engine_cores(pid: int | None = None) -> list:
     cores = [p for p in children if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
     assert cores, f"no engine core process under pid {pid or os.getpid()}"
     return cores
+
+
+# The Docker daemon and image, one per session for both container modules: a fixture defined
+# here, where both see the same one (imported last: tests.containers uses ``require`` above).
+from tests.containers import docker_env  # noqa: E402,F401

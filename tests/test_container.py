@@ -6,17 +6,14 @@ same labels as the bare process, run every process as the service user under tin
 hardening and limits compose.yaml asks for, and a `docker stop` of one of them under load
 through the balancer must lose no request; a replica whose server dies is restarted.
 
-Needs root (it may install docker.io and docker-compose and start a Docker daemon of its own,
-which it stops again) and the built index; skipped without them on a developer machine, failed
-under CI."""
+The plain `docker run` of the docs is tested in tests/test_container_run.py: a module of its own,
+so that its engine never starts while this module's three are up (four engines do not fit the
+memory of a 24 GiB machine). Daemon, image and helpers: tests/containers.py."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
-import shlex
-import shutil
 import subprocess
 import threading
 import time
@@ -26,8 +23,18 @@ import httpx
 import pytest
 
 from bench.launcher import ServerProcess, free_port
-from service.startup import EXIT_CONFIG
-from tests.conftest import IN_CI, require
+from tests.conftest import require
+from tests.containers import (
+    DEPLOY,
+    IMAGE,
+    LABEL,
+    READY_TIMEOUT_S,
+    Container,
+    _compose_command,
+    _docker,
+    _index_root,
+    _run,
+)
 from tests.test_deploy import _payloads, _retried, access_lines, run_load
 
 # On by default, CI included (the issue asks for it): a cold image build and a replica compiling
@@ -37,187 +44,8 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("ERC_CONTAINER_TESTS", "1") == "0", reason="ERC_CONTAINER_TESTS=0: the image is not built"
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
-IMAGE = os.environ.get("ERC_TEST_IMAGE", "erc:cpu")
-LABEL = "erc-test-container=1"
-PROJECT_FORMAT = '{{.ID}} {{.Label "com.docker.compose.project"}}'
-# A cold build here (no layer cache) downloads about 1.5 GB of wheels and converts the weights.
-BUILD_TIMEOUT_S = 1800
-# Three engines compile at once on two cores; other work on the machine slows it a lot (586 s
-# measured beside a heavy job, 126 s alone): deploy/README.md.
-READY_TIMEOUT_S = 900
 # The bare process drains and caches as test_deploy's replicas do.
 BARE_ENV = {"ERC_DRAIN_GRACE_S": "1", "ERC_KV_CACHE_GIB": "1"}
-
-
-def _skip_or_fail(message: str) -> None:
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def _run(cmd: list[str], env: dict, timeout: float, what: str) -> subprocess.CompletedProcess:
-    try:
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"")[-3000:] if isinstance(exc.stdout, bytes) else (exc.stdout or "")[-3000:]
-        raise AssertionError(f"{what}: no result after {timeout} s: {' '.join(cmd)}\n{out}") from None
-    assert result.returncode == 0, (
-        f"{what} failed ({result.returncode}): {' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    )
-    return result
-
-
-def _docker(env: dict, *args: str, timeout: float = 120, what: str = "docker") -> str:
-    return _run(["docker", *args], env, timeout, what).stdout.strip()
-
-
-@pytest.fixture(scope="module")
-def docker_env():
-    """A Docker daemon (the one already answering, else our own) and the image, built now."""
-    if os.geteuid() != 0:
-        _skip_or_fail("the container tests need root (they may install docker.io and start dockerd)")
-    env = dict(os.environ)
-    started = False
-    if (
-        shutil.which("docker") is None
-        or subprocess.run(["docker", "info"], env=env, capture_output=True, timeout=60).returncode != 0
-    ):
-        out = _run([str(DEPLOY / "dockerd.sh"), "start"], env, 600, "starting dockerd").stdout
-        env["DOCKER_HOST"] = out.strip().splitlines()[-1].split("=", 1)[1]
-        started = True
-    try:
-        _remove_leftovers(env)
-        start = time.monotonic()
-        _run([str(DEPLOY / "image.sh")], env, BUILD_TIMEOUT_S, "deploy/image.sh (make image)")
-        print(f"\n[container] image {IMAGE} built in {time.monotonic() - start:.0f} s")
-        yield env
-    finally:
-        _remove_leftovers(env)
-        if started:
-            subprocess.run([str(DEPLOY / "dockerd.sh"), "stop"], env=env, timeout=120)
-
-
-def _remove_leftovers(env: dict) -> None:
-    """Containers of an earlier run that did not clean up: labelled ones, and compose projects
-    named erctest* with their networks and volumes."""
-
-    def lines(*args: str) -> list[str]:
-        return subprocess.run(
-            ["docker", *args], env=env, capture_output=True, text=True, timeout=60
-        ).stdout.splitlines()
-
-    ids = lines("ps", "-aq", "--filter", f"label={LABEL}")
-    listed = lines("ps", "-a", "--filter", "label=com.docker.compose.project", "--format", PROJECT_FORMAT)
-    ids += [i for i, _, project in (line.partition(" ") for line in listed) if project.startswith("erctest")]
-    if ids:
-        subprocess.run(["docker", "rm", "-f", *ids], env=env, capture_output=True, timeout=120)
-    networks = [n for n in lines("network", "ls", "--format", "{{.Name}}") if n.startswith("erctest")]
-    if networks:
-        subprocess.run(["docker", "network", "rm", *networks], env=env, capture_output=True, timeout=60)
-    volumes = [v for v in lines("volume", "ls", "--format", "{{.Name}}") if v.startswith("erctest")]
-    if volumes:
-        subprocess.run(["docker", "volume", "rm", *volumes], env=env, capture_output=True, timeout=60)
-
-
-def _compose_command(env: dict) -> list[str]:
-    """Compose v2 (`docker compose`) where the CLI has it, else the standalone docker-compose
-    (Debian's 1.29, installed here when absent)."""
-    if subprocess.run(["docker", "compose", "version"], env=env, capture_output=True).returncode == 0:
-        return ["docker", "compose"]
-    if shutil.which("docker-compose") is None:
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker-compose"],
-            env={**env, "DEBIAN_FRONTEND": "noninteractive"},
-            capture_output=True,
-            timeout=600,
-        )
-    if shutil.which("docker-compose") is None:
-        _skip_or_fail("neither `docker compose` nor docker-compose is available (apt-get install docker-compose)")
-    return ["docker-compose"]
-
-
-class Container:
-    """One running container: docker inspect/logs/exec, and its server's address."""
-
-    def __init__(self, env: dict, container_id: str, base: str) -> None:
-        self.env, self.id, self.base = env, container_id, base
-        self.name = self.inspect()["Name"].lstrip("/")
-        self.ready_after: float | None = None
-
-    def inspect(self) -> dict:
-        return json.loads(_docker(self.env, "inspect", self.id))[0]
-
-    def logs(self, stderr: bool = True) -> str:
-        result = subprocess.run(["docker", "logs", self.id], env=self.env, capture_output=True, text=True, timeout=60)
-        return result.stdout + (result.stderr if stderr else "")
-
-    def diagnosis(self) -> str:
-        """The container's log without its per-request lines, for failure messages."""
-        lines = [line for line in self.logs().splitlines() if '"message": "request"' not in line]
-        return "\n".join(lines)[-6000:]
-
-    def exec(self, *cmd: str) -> str:
-        return _docker(self.env, "exec", self.id, *cmd, what=f"docker exec {' '.join(cmd)}")
-
-    def started_at(self) -> float:
-        """When Docker last started the container (epoch seconds; it writes nanoseconds)."""
-        stamp = self.inspect()["State"]["StartedAt"]
-        head, _, fraction = stamp.rstrip("Z").partition(".")
-        return dt.datetime.fromisoformat(head).replace(tzinfo=dt.timezone.utc).timestamp() + float(f"0.{fraction or 0}")
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
-        """Seconds from the container's (last) start to /ready 200."""
-        restarts = self.inspect()["RestartCount"]
-        deadline = time.monotonic() + timeout
-        checked = time.monotonic()
-        while time.monotonic() < deadline:
-            facts = self.inspect()
-            # A container that exits is restarted by its policy: count that as exiting too.
-            if not facts["State"]["Running"] or facts["State"]["Restarting"] or facts["RestartCount"] > restarts:
-                raise AssertionError(f"container {self.name} exited before /ready:\n{self.diagnosis()}")
-            try:
-                if httpx.get(f"{self.base}/ready", timeout=2).status_code == 200:
-                    self.ready_after = time.time() - self.started_at()
-                    return self.ready_after
-            except httpx.HTTPError:
-                pass
-            # A failed load leaves the server up but never ready: stop waiting once it says so.
-            if time.monotonic() - checked > 15:
-                checked = time.monotonic()
-                if "loading the service failed" in self.logs():
-                    raise AssertionError(f"container {self.name}: loading failed:\n{self.diagnosis()}")
-            time.sleep(1)
-        raise AssertionError(f"container {self.name} not ready after {timeout} s:\n{self.diagnosis()}")
-
-
-def _index_root(settings) -> Path:
-    # Resolved: a symlinked index folder would dangle inside the container.
-    manifest = require(settings.index_root / "meld" / "manifest.json", "run `erc index build --dataset meld`")
-    return manifest.resolve().parent.parent
-
-
-def documented_plain_run() -> list[str]:
-    """The docs' plain `docker run` of the CPU image (no --shm-size, no hardening): the line a new
-    user types first, read from the docs so that the test runs what they say."""
-    for doc in (DEPLOY / "README.md", ROOT / "README.md"):
-        for line in doc.read_text().splitlines():
-            command = line.split("#")[0].strip()
-            if command.startswith("docker run") and command.endswith("erc:cpu") and "--shm-size" not in command:
-                return shlex.split(command)
-    raise AssertionError("no plain `docker run ... erc:cpu` line in deploy/README.md or README.md")
-
-
-def run_as_documented(env: dict, port: int, index_root: Path, *extra: str) -> Container:
-    """Start the documented plain command, detached, with the test's port, index folder and clean-up
-    label (and ``extra`` flags)."""
-    argv = documented_plain_run()
-    args = [a.replace("ERC_PORT=8001", f"ERC_PORT={port}").replace("$PWD/index", str(index_root)) for a in argv[2:]]
-    assert f"ERC_PORT={port}" in args and any(str(index_root) in a for a in args), argv
-    container_id = _docker(env, "run", "-d", "--label", LABEL, *extra, *args, what="docker run")
-    return Container(env, container_id, f"http://127.0.0.1:{port}")
 
 
 class Compose:
@@ -502,37 +330,3 @@ def test_a_replica_whose_server_dies_is_restarted(deployment):
     ready = c.wait_ready()
     print(f"\n[container] restarted replica: start -> /ready {ready:.0f} s (compile cache kept)")
     assert c.logs().count(CACHE_LOADED) > loaded, c.diagnosis()
-
-
-def test_the_documented_plain_docker_run_gets_ready(docker_env, settings):
-    """Docker's default /dev/shm is 64 MiB: vLLM's message queues (400 MiB by its defaults) must
-    shrink to fit, and the service answer as usual."""
-    container = run_as_documented(docker_env, free_port(), _index_root(settings))
-    try:
-        ready = container.wait_ready()
-        print(f"\n[container] plain docker run -> /ready in {ready:.0f} s")
-        assert container.exec("df", "-m", "--output=size", "/dev/shm").split()[-1] == "64"
-        assert "message queue chunks shrink" in container.logs()
-        body = {"dialogue": {"turns": [{"speaker": "A", "text": "I got the job!"}]}}
-        response = httpx.post(f"{container.base}/predict", json=body, timeout=120)
-        assert response.status_code == 200, response.text
-    finally:
-        subprocess.run(["docker", "rm", "-f", container.id], env=docker_env, capture_output=True, timeout=120)
-
-
-def test_a_start_that_cannot_load_exits_with_its_cause_and_fix(docker_env, settings):
-    """A /dev/shm too small even for the smallest queues: the server logs the cause and the flag
-    that fixes it, and the container exits with the configuration error's status, instead of
-    idling unready."""
-    container = run_as_documented(docker_env, free_port(), _index_root(settings), "--shm-size", "8m")
-    try:
-        deadline = time.monotonic() + 300
-        while container.inspect()["State"]["Running"] and time.monotonic() < deadline:
-            time.sleep(1)
-        state = container.inspect()["State"]
-        assert not state["Running"], f"still running after 300 s:\n{container.diagnosis()}"
-        logs = container.logs()
-        assert state["ExitCode"] == EXIT_CONFIG, (state["ExitCode"], logs[-3000:])
-        assert "/dev/shm" in logs and "--shm-size 1g" in logs and "a restart will not fix this" in logs, logs[-3000:]
-    finally:
-        subprocess.run(["docker", "rm", "-f", container.id], env=docker_env, capture_output=True, timeout=120)

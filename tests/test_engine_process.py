@@ -51,6 +51,7 @@ def _start(env: dict[str, str], script: str = CHILD) -> subprocess.Popen:
 
 def test_group_signals_are_ignored_until_the_server_stops_the_engine(tmp_path):
     stop = tmp_path / "stop"
+    engine_process.mark_started(stop)
     child = _start({engine_process.STOP_FILE_ENV: str(stop), engine_process.SERVER_PID_ENV: str(os.getpid())})
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,6 +68,19 @@ def test_group_signals_are_ignored_until_the_server_stops_the_engine(tmp_path):
     assert "stopping on SIGTERM" in out
 
 
+def test_a_signal_stops_an_engine_that_has_not_started(tmp_path):
+    """vLLM tears a failed start down with SIGTERM: before the server marks the engine started,
+    the signal is honoured (else the start hangs instead of exiting with its failure status)."""
+    stop = tmp_path / "stop"
+    child = _start({engine_process.STOP_FILE_ENV: str(stop), engine_process.SERVER_PID_ENV: str(os.getpid())})
+    try:
+        child.send_signal(signal.SIGTERM)
+        out, _ = child.communicate(timeout=10)
+    finally:
+        child.kill()
+    assert child.returncode == 0 and "stopping on SIGTERM" in out and "ignored" not in out
+
+
 def test_an_engine_process_stops_when_its_server_dies(tmp_path):
     """The 'server' starts the engine process and is then SIGKILLed: the engine process sees its
     parent gone and runs its own handler."""
@@ -80,6 +94,7 @@ def test_an_engine_process_stops_when_its_server_dies(tmp_path):
         child.wait()
         """
     )
+    engine_process.mark_started(tmp_path / "stop")  # a started engine: only the watchdog stops it
     proc = subprocess.Popen([sys.executable, "-c", server], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     engine_pid = int(proc.stdout.readline())

@@ -5,12 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from service import start_method
+from service.served_model import served_model_dir
 from service.settings import Settings
+from service.startup import EXIT_FAILED
 from tests.conftest import require
+
+#: Loading the model and failing to allocate its KV cache takes under a minute on 2 cores; a
+#: hang is what this bound catches.
+FAILED_START_BOUND_S = 300
 
 
 def test_auto_forks_only_in_a_fresh_server_process():
@@ -117,3 +129,53 @@ def test_reserved_cpus_none_on_two_cores_else_vllms_choice(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert _reserved_cpus(None) is None  # the operator's own vLLM setting stands
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def test_an_engine_that_fails_to_start_exits_70_and_leaves_no_process(settings, tmp_path):
+    """The real engine, asked for a KV cache larger than the machine's memory: vLLM's engine
+    core fails after loading the model and tears its worker down with SIGTERM. The server must
+    exit with the failure status (a restart policy acts on it) instead of hanging unready, and
+    none of the engine's processes may outlive it."""
+    require(served_model_dir(settings) / "config.json", "run `erc weights build`")
+    total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 30
+    env = {**os.environ, "ERC_KV_CACHE_GIB": str(4 * total_gib + 4)}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    erc = Path(sys.executable).with_name("erc")
+    proc = subprocess.Popen(
+        [str(erc), "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=FAILED_START_BOUND_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"a failed engine start still ran after {FAILED_START_BOUND_S} s:\n{out[-3000:]}")
+    assert proc.returncode == EXIT_FAILED, out[-3000:]
+    assert "requested memory for kv" in out and "the service cannot start" in out
+    deadline = time.monotonic() + 15
+    while _group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _group_members(proc.pid)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert not left, f"engine processes {left} outlived the server"
