@@ -86,7 +86,10 @@ def _sum(m: dict[str, float], prefix: str, **labels: str) -> float:
     return sum(v for k, v in m.items() if k.split("{")[0] == prefix and all(w in k for w in want))
 
 
-def _latency_level(base: str, bodies: list[dict], concurrency: int, total: int) -> dict[str, float]:
+def latency_level(base: str, bodies: list[dict], concurrency: int, total: int) -> dict[str, float]:
+    """``total`` ``/predict`` requests of ``bodies`` (round robin) from ``concurrency`` clients at
+    ``base``: latency percentiles in ms and the requests per second."""
+
     async def run() -> list[float]:
         latencies: list[float] = []
         queue = iter(range(total))
@@ -191,7 +194,7 @@ def _prod(shape: Sequence[int]) -> int:
 
 
 # --- the run ----------------------------------------------------------------------------------------
-def _batch_pass(server: Server, data: Sequence[Dialogue]) -> dict[str, float]:
+def batch_pass(server: Server, data: Sequence[Dialogue]) -> dict[str, float]:
     """One ``/predict_dialogue`` of every dialogue (a cold prefix cache), with the engine's counters."""
     dialogues = [_api_dialogue(d) for d in data]
     before = server.metrics()
@@ -246,7 +249,7 @@ def _latency_levels(server: Server, data: Sequence[Dialogue], levels: Sequence[i
     latency, overhead = [], None
     for level in levels:
         m0 = server.metrics()
-        latency.append(_latency_level(server.base, bodies, level, requests))
+        latency.append(latency_level(server.base, bodies, level, requests))
         m1 = server.metrics()
         if level == 8:
             engine = _sum(m1, "erc_engine_duration_seconds_sum") - _sum(m0, "erc_engine_duration_seconds_sum")
@@ -308,7 +311,7 @@ def run(
         server = Server(port, env)
         try:
             cold["compiled_cache_kept"] = server.wait_ready()
-            batch = _batch_pass(server, data)
+            batch = batch_pass(server, data)
             latency, overhead = _latency_levels(server, data, levels, requests)
             peak_mb = server.peak_mb
         finally:
@@ -319,7 +322,7 @@ def run(
         server = Server(port, {**env, "ERC_ENFORCE_EAGER": "true"})
         try:
             cold["eager"] = server.wait_ready()
-            eager = _batch_pass(server, data)
+            eager = batch_pass(server, data)
         finally:
             server.stop()
 

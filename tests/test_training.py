@@ -30,23 +30,40 @@ def tokenizer(settings):
     return AutoTokenizer.from_pretrained(str(require(settings.weights_root / "base", "run `erc weights build`")))
 
 
+#: The sizes of the tiny models the merge tests build (any architecture).
+TINY = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+
+
 def tiny_llama(tokenizer, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=2048,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
+        **TINY,
     )
     return LlamaForCausalLM(config)
+
+
+def tiny_gemma(tokenizer, seed: int = 0):
+    """Gemma 3's text model: one sliding and one full attention layer, so one rope per type."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        num_hidden_layers=2,
+        head_dim=8,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        **TINY,
+    )
+    return Gemma3ForCausalLM(config)
 
 
 def test_three_task_builders_golden(tokenizer):
@@ -166,32 +183,18 @@ def test_merge_keeps_gemma3s_rope_per_attention_type(tokenizer, tmp_path):
     """Gemma 3 keeps one rope per attention type (sliding and full layers) and no flat
     rope_theta: the merge must carry that over as the base has it, not require the flat key."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import AutoModelForCausalLM
 
     from training.weights import merge_adapter
 
-    def tiny_gemma():
-        torch.manual_seed(0)
-        config = Gemma3TextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            sliding_window=16,
-            layer_types=["sliding_attention", "full_attention"],
-        )
-        return Gemma3ForCausalLM(config)
-
     base_dir, adapter_dir, merged_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
-    tiny_gemma().save_pretrained(base_dir)
+    tiny_gemma(tokenizer).save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     base_config = json.loads((base_dir / "config.json").read_text())
     assert "rope_theta" not in base_config and len(base_config["rope_parameters"]) == 2
     peft_model = get_peft_model(
-        tiny_gemma(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+        tiny_gemma(tokenizer),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False),
     )
     peft_model.save_pretrained(adapter_dir)
     ServingSpec(model_name="tiny-gemma", backbone="gemma3-270m").save(adapter_dir)

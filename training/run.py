@@ -185,27 +185,19 @@ def mixed_examples(
 
 
 def run(
-    config_path: Path,
+    config: TrainConfig | Path,
     resume: bool,
     settings: Settings,
     out_root: Path = Path("runs"),
     limit: int | None = None,
     demonstrations_cache: Path | None = None,
 ) -> dict:
-    return run_config(TrainConfig.load(config_path), resume, settings, out_root, limit, demonstrations_cache)
-
-
-def run_config(
-    config: TrainConfig,
-    resume: bool,
-    settings: Settings,
-    out_root: Path = Path("runs"),
-    limit: int | None = None,
-    demonstrations_cache: Path | None = None,
-) -> dict:
-    """:func:`run` for a config already loaded (the backbone study derives one per candidate)."""
+    """Train one config (a TOML path, or a config already loaded: the backbone study derives one
+    per candidate) into ``out_root/<name>``; returns the training summary."""
     from training.trainer import train
 
+    if not isinstance(config, TrainConfig):
+        config = TrainConfig.load(config)
     model, tokenizer = load_lora_model(config, base_model_dir(config, settings))
     train_examples, dev_examples = mixed_examples(config, settings, tokenizer, limit, demonstrations_cache)
     tokens = sum(e.length for e in train_examples)

@@ -81,10 +81,10 @@ def tokens_per_second(history: list[dict[str, Any]]) -> float:
 
 
 def train(candidate: str, settings: Settings, resume: bool) -> dict[str, Any]:
-    from training.run import run_config
+    from training.run import run
 
     config = candidate_config(candidate)
-    summary = run_config(config, resume, settings, OUT, demonstrations_cache=OUT / "demonstrations.json")
+    summary = run(config, resume, settings, OUT, demonstrations_cache=OUT / "demonstrations.json")
     from training.trainer import latest_checkpoint
 
     history = json.loads((run_dir(candidate) / "summary.json").read_text())
@@ -192,7 +192,7 @@ def evaluate(candidate: str, settings: Settings) -> dict[str, Any]:
 
 def _measure(candidate: str, dialogues: list, requests: int, log: Path) -> dict[str, Any]:
     from bench.launcher import free_port
-    from bench.run import Server, _batch_pass, _latency_level
+    from bench.run import Server, batch_pass, latency_level
 
     server = Server(free_port(), {"ERC_MODEL_DIR": str(merged_dir(candidate).resolve()), "ERC_DTYPE": "float32"})
     server.log_path = log
@@ -203,9 +203,9 @@ def _measure(candidate: str, dialogues: list, requests: int, log: Path) -> dict[
             for d in dialogues
             for k in range(len(d.turns))
         ]
-        _latency_level(server.base, bodies[:4], 1, 4)  # warm-up: first requests pay one-off costs
-        latency = _latency_level(server.base, bodies, 1, requests)
-        batch = _batch_pass(server, dialogues)
+        latency_level(server.base, bodies[:4], 1, 4)  # warm-up: first requests pay one-off costs
+        latency = latency_level(server.base, bodies, 1, requests)
+        batch = batch_pass(server, dialogues)
     finally:
         server.stop()
     return {
