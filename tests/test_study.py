@@ -100,3 +100,18 @@ def test_every_candidate_trains_one_recipe_on_its_own_base():
     assert len({m["max_train_examples"] for m in first["mixture"]}) == 1
     with pytest.raises(SystemExit, match="unknown candidate"):
         study.candidate_config("gpt-5")
+
+
+def test_each_ablation_arm_changes_one_lever_of_the_recipe():
+    base = study.candidate_config("gemma3-270m").model_dump(exclude={"name"})
+    changed = {}
+    for variant in study.VARIANTS:
+        arm = study.candidate_config(f"gemma3-270m+{variant}")
+        assert arm.name == f"study-gemma3-270m-{variant}" and arm.backbone == "gemma3-270m"
+        dumped = arm.model_dump(exclude={"name"})
+        changed[variant] = {k for k in dumped if dumped[k] != base[k]}
+    assert changed == {"window12": {"window"}, "same-label": {"demonstrations"}, "speaker": {"tasks"}}
+    assert study.candidate_config("gemma3-270m+same-label").demonstrations.same_label
+    assert study.candidate_config("gemma3-270m+window12").window == 12
+    with pytest.raises(SystemExit, match="unknown candidate"):
+        study.candidate_config("gemma3-270m+epochs")

@@ -96,6 +96,25 @@ def test_three_task_builders_golden(tokenizer):
     assert prediction.target_ids == erc.target_ids
 
 
+def test_same_label_demonstrations_prefer_the_gold_label_then_fill_with_the_nearest(meld_index):
+    """The opt-in ablation: the nearest pool utterances with the utterance's gold label first;
+    where fewer than k share it, the nearest others fill in, in their order."""
+    pool_dialogue = meld_index.pool[0].dialogue_id
+    text = meld_index.pool[0].text
+    plain = retrieve_demonstrations([Dialogue(pool_dialogue, (Turn("a", text, "joyful"),))], meld_index, 5, True)
+    differ = []
+    for gold in LABEL_SETS["meld"]:
+        utterance = Dialogue(pool_dialogue, (Turn("a", text, gold),))
+        [shown] = retrieve_demonstrations([utterance], meld_index, 5, True, same_label=True).values()
+        [deep] = meld_index.search([text], 16 * 5, [pool_dialogue])
+        same = [x.text for x in deep if x.label == gold][:5]
+        others = [x.text for x in deep if x.label != gold][: 5 - len(same)]
+        assert [s.text for s in shown] == same + others and len(shown) == 5
+        assert all(s.label == gold for s in shown[: len(same)])
+        differ.append([s.text for s in shown] != [s.text for s in plain[(pool_dialogue, 0)]])
+    assert any(differ), "the gold label changed no utterance's demonstrations"
+
+
 def test_long_prompts_lose_the_oldest_history_first(tokenizer):
     long = Dialogue("x", tuple(Turn(f"S{i % 2}", "word " * 50, "neutral") for i in range(13)))
     [example] = [e for e in build_examples([long], "meld", tokenizer, ["erc"], 12, {}, 300) if e.turn == 12]

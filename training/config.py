@@ -29,6 +29,9 @@ class DemonstrationsSection(_Section):
     enabled: bool = True
     k: int = 3
     index: str = "meld"
+    #: Training examples show the nearest pool utterances that share their gold label (the
+    #: paper's same-label demonstrations; an ablation: dev and serving stay label-blind).
+    same_label: bool = False
 
 
 class MixtureItem(_Section):

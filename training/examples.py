@@ -2,8 +2,9 @@
 
 Targets are what the serving engine reads: a leading space, the label, EOS
 (:class:`service.decoding.LabelCodec`). Demonstrations come from the training pool, never from
-the utterance's own dialogue, and are chosen by similarity to the utterance only (never by its
-gold label: same-label demonstrations teach a model to copy them).
+the utterance's own dialogue, and are chosen by similarity to the utterance only, as the service
+chooses them. The paper's same-label demonstrations at training (``same_label``) are an opt-in
+ablation: they may teach a model to copy its demonstrations, which serving cannot match.
 """
 
 from __future__ import annotations
@@ -36,17 +37,37 @@ class Example:
         return len(self.prompt_ids) + len(self.target_ids)
 
 
+#: With ``same_label``, the nearest this many times ``k`` pool utterances are searched for ones
+#: that share the utterance's label.
+SAME_LABEL_DEPTH = 16
+
+
 def retrieve_demonstrations(
-    dialogues: Sequence[Dialogue], index: DemonstrationIndex | None, k: int, own_split: bool
+    dialogues: Sequence[Dialogue],
+    index: DemonstrationIndex | None,
+    k: int,
+    own_split: bool,
+    same_label: bool = False,
 ) -> dict[tuple[str, int], list[Shown]]:
-    """Demonstrations of every utterance (own dialogue excluded when it is in the pool)."""
+    """Demonstrations of every utterance (own dialogue excluded when it is in the pool), best
+    first. ``same_label`` (training only: it reads the gold label): the nearest pool utterances
+    with the utterance's own label among the nearest ``SAME_LABEL_DEPTH * k``, then the nearest
+    others where fewer than ``k`` share it."""
     keys = [(d.id, t) for d in dialogues for t in range(len(d.turns))]
     if index is None or k <= 0:
         return {key: [] for key in keys}
     texts = [d.turns[t].text for d in dialogues for t in range(len(d.turns))]
     own = [d.id if own_split else None for d in dialogues for _ in d.turns]
-    found = index.search(texts, k, own)
-    return {key: [Shown(x.text, x.label) for x in hits] for key, hits in zip(keys, found)}
+    if not same_label:
+        found = index.search(texts, k, own)
+        return {key: [Shown(x.text, x.label) for x in hits] for key, hits in zip(keys, found)}
+    gold = [turn.label for d in dialogues for turn in d.turns]
+    out = {}
+    for key, label, hits in zip(keys, gold, index.search(texts, SAME_LABEL_DEPTH * k, own)):
+        chosen = [x for x in hits if x.label == label][:k]
+        chosen += [x for x in hits if x.label != label][: k - len(chosen)]
+        out[key] = [Shown(x.text, x.label) for x in chosen]
+    return out
 
 
 def build_examples(

@@ -90,7 +90,10 @@ def load_corpus(config: TrainConfig, settings: Settings, limit: int | None = Non
     if limit:
         train, dev = train[:limit], dev[: max(1, limit // 4)]
     k = config.demonstrations.k if config.demonstrations.enabled else 0
+    same_label = config.demonstrations.same_label
     key = {"dataset": config.dataset, "source": config.source, "index": config.demonstrations.index, "k": k}
+    if same_label:
+        key["same_label"] = True
     if k and cache is not None and cache.is_file():
         stored = json.loads(cache.read_text())
         if stored["key"] == key:
@@ -115,7 +118,7 @@ def load_corpus(config: TrainConfig, settings: Settings, limit: int | None = Non
     corpus = Corpus(
         train,
         dev,
-        retrieve_demonstrations(train, index, k, own_split=own),
+        retrieve_demonstrations(train, index, k, own_split=own, same_label=same_label),
         retrieve_demonstrations(dev, index, k, own_split=False),
     )
     if k and cache is not None:

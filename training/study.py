@@ -4,6 +4,7 @@ serving path, benchmarked in one run, and the served default picked by a written
 
     python -m training.study train --candidate gemma3-270m [--resume]
     python -m training.study evaluate --candidate gemma3-270m
+    python -m training.study train --candidate gemma3-270m+window12   # an ablation arm (VARIANTS)
     python -m training.study bench            # every trained candidate, one run, ERC_DTYPE=float32
     python -m training.study table            # docs table + the rule's pick
 
@@ -50,17 +51,41 @@ MIN_THROUGHPUT_RATIO = 0.25
 MAX_LATENCY_RATIO = 4.0
 
 
-def run_name(candidate: str) -> str:
-    return f"study-{candidate}"
+#: The paper's levers as ablation rows (issue 22): the study recipe with one change each, at the
+#: same number of steps and examples. An arm is named ``<candidate>+<variant>``.
+VARIANTS: dict[str, dict[str, Any]] = {
+    # The paper's history window for every dataset (the recipe's is 8).
+    "window12": {"window": 12},
+    # Training examples show demonstrations of their own gold label.
+    "same-label": {"demonstrations": {"same_label": True}},
+    # Speaker identification mixed in: it takes its share of the same example budget.
+    "speaker": {"tasks": ["erc", "speaker"]},
+}
 
 
-def candidate_config(candidate: str) -> TrainConfig:
-    """The study recipe for ``candidate``: only the name and the base differ between candidates."""
-    if candidate not in CANDIDATES:
-        raise SystemExit(f"unknown candidate {candidate!r}; choose from {', '.join(CANDIDATES)}")
-    return TrainConfig.load(STUDY_CONFIG).model_copy(
-        update={"name": run_name(candidate), "backbone": CANDIDATES[candidate]}
-    )
+def split_arm(arm: str) -> tuple[str, str | None]:
+    """``gemma3-270m+window12`` -> (``gemma3-270m``, ``window12``); a plain candidate -> (it, None)."""
+    candidate, _, variant = arm.partition("+")
+    if candidate not in CANDIDATES or (variant and variant not in VARIANTS):
+        arms = ", ".join([*CANDIDATES, *(f"<candidate>+{v}" for v in VARIANTS)])
+        raise SystemExit(f"unknown candidate {arm!r}; choose from {arms}")
+    return candidate, variant or None
+
+
+def run_name(arm: str) -> str:
+    candidate, variant = split_arm(arm)
+    return f"study-{candidate}" + (f"-{variant}" if variant else "")
+
+
+def candidate_config(arm: str) -> TrainConfig:
+    """The study recipe for ``arm``: only the name and the base differ between candidates; a
+    variant changes one lever of :data:`VARIANTS`."""
+    candidate, variant = split_arm(arm)
+    config = TrainConfig.load(STUDY_CONFIG)
+    change = VARIANTS[variant] if variant else {}
+    if "demonstrations" in change:
+        change = {**change, "demonstrations": config.demonstrations.model_copy(update=change["demonstrations"])}
+    return config.model_copy(update={**change, "name": run_name(arm), "backbone": CANDIDATES[candidate]})
 
 
 def run_dir(candidate: str) -> Path:
@@ -84,7 +109,9 @@ def train(candidate: str, settings: Settings, resume: bool) -> dict[str, Any]:
     from training.run import run
 
     config = candidate_config(candidate)
-    summary = run(config, resume, settings, OUT, demonstrations_cache=OUT / "demonstrations.json")
+    # Same-label demonstrations are keyed apart in the cache: a file of their own.
+    cache = OUT / ("demonstrations-same-label.json" if config.demonstrations.same_label else "demonstrations.json")
+    summary = run(config, resume, settings, OUT, demonstrations_cache=cache)
     from training.trainer import latest_checkpoint
 
     history = json.loads((run_dir(candidate) / "summary.json").read_text())
@@ -314,9 +341,40 @@ def table() -> str:
             f"| {s['dialogue_utterances_per_s']:.2f} ({throughput:.2f}x) "
             f"| {why.get(c, '')} |"
         )
-    text = "\n".join(lines) + f"\n\nPicked by the rule: **{best}**.\n"
+    text = "\n".join(lines) + f"\n\nPicked by the rule: **{best}**.\n" + ablation_table()
     (OUT / "study.md").write_text(text)
     return text
+
+
+def ablation_table() -> str:
+    """The ablation rows (markdown): each trained and evaluated arm against its candidate's run."""
+    lines = [
+        "\n| arm | training examples (prompt tokens) | dev wF1 MELD (calibrated) | IEMOCAP | EmoryNLP "
+        "| mean | mean calibrated | change in mean (calibrated) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for candidate in CANDIDATES:
+        base = run_dir(candidate) / "dev.json"
+        if not base.is_file():
+            continue
+        ref = json.loads(base.read_text())
+        for variant in VARIANTS:
+            arm = f"{candidate}+{variant}"
+            if not (run_dir(arm) / "dev.json").is_file():
+                continue
+            d = json.loads((run_dir(arm) / "dev.json").read_text())
+            t = json.loads((run_dir(arm) / "train.json").read_text())
+            per = " | ".join(
+                f"{d['label_sets'][ds]['weighted_f1']:.2f} ({d['label_sets'][ds]['calibrated_weighted_f1']:.2f})"
+                for ds in DATASETS
+            )
+            change = d["mean_weighted_f1"] - ref["mean_weighted_f1"]
+            change_cal = d["mean_calibrated_weighted_f1"] - ref["mean_calibrated_weighted_f1"]
+            lines.append(
+                f"| {arm} | {t['train_examples']:,} ({t['prompt_tokens']:,}) | {per} | {d['mean_weighted_f1']:.2f} "
+                f"| {d['mean_calibrated_weighted_f1']:.2f} | {change:+.2f} ({change_cal:+.2f}) |"
+            )
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -324,7 +382,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("train", "evaluate"):
         p = sub.add_parser(name)
-        p.add_argument("--candidate", required=True, choices=list(CANDIDATES))
+        p.add_argument(
+            "--candidate", required=True, help="a candidate, or <candidate>+<variant>: " + ", ".join(VARIANTS)
+        )
         if name == "train":
             p.add_argument("--resume", action="store_true")
     b = sub.add_parser("bench")
