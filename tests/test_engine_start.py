@@ -151,7 +151,11 @@ def test_an_engine_that_fails_to_start_exits_70_and_leaves_no_process(settings, 
     none of the engine's processes may outlive it."""
     require(served_model_dir(settings) / "config.json", "run `erc weights build`")
     total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 30
-    env = {**os.environ, "ERC_KV_CACHE_GIB": str(4 * total_gib + 4)}
+    # A server started from a shell: what an engine of this session set in the environment (vLLM's
+    # KV-cache size among it, which would win over ERC_KV_CACHE_GIB) is not inherited.
+    inherited = ("VLLM_", "ERC_ENGINE_", start_method.ENV)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
+    env["ERC_KV_CACHE_GIB"] = str(4 * total_gib + 4)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
