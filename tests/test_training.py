@@ -427,6 +427,62 @@ def test_checkpoints_resume_and_best_dev_selection(tokenizer, tmp_path):
     assert (out / "best" / "selected.json").is_file() and list(ServingSpec.load(out / "best").label_sets) == ["meld"]
 
 
+def test_a_warm_start_loads_the_adapter_and_trains_on_the_batches_after_the_skipped_ones(
+    tokenizer, tmp_path, monkeypatch
+):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from training.run import start_from
+    from training.trainer import train
+
+    dialogues = [Dialogue(f"d{i}", DIALOGUE.turns) for i in range(8)]
+    examples = build_examples(dialogues, "meld", tokenizer, ["erc"], 12, {}, 1024)
+    config = TrainConfig(name="tiny", batch_size=4, checkpoint_every=1, eval_every=100, autocast_bf16=False)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    first = train(
+        config.model_copy(update={"max_steps": 1}),
+        get_peft_model(tiny_llama(tokenizer), lora),
+        tokenizer,
+        examples,
+        [],
+        tmp_path / "first",
+        log=lambda *_: None,
+    )
+    assert first["steps"] == 1
+    saved = tmp_path / "first" / "checkpoint-000001"
+
+    # The adapter's weights, not the fresh LoRA's, are what the next run starts from.
+    model = get_peft_model(tiny_llama(tokenizer, seed=1), lora)
+    start_from(model, saved)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(saved / "adapter_model.safetensors"))
+    loaded = get_peft_model_state_dict(model)
+    assert stored.keys() == loaded.keys() and all(torch.equal(stored[k], loaded[k]) for k in stored)
+
+    # It trains on the first epoch's order after the skipped batch, never on the skipped one.
+    import training.trainer
+
+    trained: list[int] = []
+    position = {id(e): i for i, e in enumerate(examples)}
+
+    def collating(batch, pad):
+        trained.extend(position[id(e)] for e in batch)
+        return collate(batch, pad)
+
+    monkeypatch.setattr(training.trainer, "collate", collating)
+    order = batches(examples, 4, 0, 0)
+    second = train(
+        config.model_copy(update={"skip_steps": 1, "max_steps": 1}), model, tokenizer, examples, [], tmp_path / "second"
+    )
+    assert second["steps"] == 1 and sorted(trained) == sorted(order[1]) and not set(trained) & set(order[0])
+
+    # An adapter of another shape is refused, naming it.
+    other = get_peft_model(tiny_llama(tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match="does not fit"):
+        start_from(other, saved)
+
+
 def _handmade_cache(path: Path, settings, limit: int, k: int = 3) -> None:
     """A demonstrations cache for the first ``limit`` MELD train dialogues (and limit // 4 dev),
     with demonstrations that retrieval would never return, so the test can tell where they came from."""

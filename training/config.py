@@ -58,6 +58,13 @@ class TrainConfig(_Section):
     #: --backbone``) instead; its adapters merge into ``weights/<backbone>-base``. Excludes
     #: ``base_model``.
     backbone: str | None = None
+    #: A committed adapter folder (same base and LoRA shape) whose weights start this run: how a
+    #: run continues on a machine where its checkpoints (``runs/``, not committed) are gone. The
+    #: optimizer and learning-rate schedule start afresh.
+    init_adapter: str | None = None
+    #: Batches of the first epoch's order (same seed) that ``init_adapter``'s run already trained
+    #: on; this run starts after them, so it sees examples that run did not.
+    skip_steps: int = Field(default=0, ge=0)
     dataset: Literal["meld", "iemocap", "emorynlp"] = "meld"
     source: Literal["csv", "cosmic"] = "csv"
     window: int = 12

@@ -215,7 +215,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     per_epoch = batches(train_examples, config.batch_size, config.seed, 0)
-    total = config.max_steps or max(1, math.ceil(len(per_epoch) * config.epochs))
+    total = config.max_steps or max(1, math.ceil(len(per_epoch) * config.epochs) - config.skip_steps)
     step, history = 0, []
     if resume and (ckpt := latest_checkpoint(out)):
         from peft import set_peft_model_state_dict
@@ -241,7 +241,7 @@ def train(
     bar = tqdm(total=total, initial=step, desc=config.name, dynamic_ncols=True)
     running = None
     while step < total:
-        epoch, within = divmod(step, len(per_epoch))
+        epoch, within = divmod(config.skip_steps + step, len(per_epoch))
         order = batches(train_examples, config.batch_size, config.seed, epoch)
         batch = collate([train_examples[i] for i in order[within]], pad)
         for group in optimizer.param_groups:
