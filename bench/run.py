@@ -305,8 +305,7 @@ def run(
     minimum = unavoidable_tokens(token_lists)
     cold: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="erc-bench-compile-cache-") as cache:
-        eager_only = "false" if compile else "true"
-        env = {"ERC_MODEL_DIR": str(model_dir), "VLLM_CACHE_ROOT": cache, "ERC_ENFORCE_EAGER": eager_only}
+        env = {"ERC_MODEL_DIR": str(model_dir), "VLLM_CACHE_ROOT": cache, "ERC_ENFORCE_EAGER": str(not compile).lower()}
         server = Server(port, env)
         try:
             cold["compiled_empty_cache"] = server.wait_ready()

@@ -432,8 +432,7 @@ def test_a_warm_start_loads_the_adapter_and_trains_on_the_batches_after_the_skip
 ):
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-    from training.run import start_from
-    from training.trainer import train
+    from training.trainer import start_from, train
 
     dialogues = [Dialogue(f"d{i}", DIALOGUE.turns) for i in range(8)]
     examples = build_examples(dialogues, "meld", tokenizer, ["erc"], 12, {}, 1024)

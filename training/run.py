@@ -59,28 +59,12 @@ def load_lora_model(config: TrainConfig, folder: Path) -> tuple[Any, Any]:
     )
     model = get_peft_model(model, lora)
     if config.init_adapter is not None:
+        from training.trainer import start_from
+
         start_from(model, Path(config.init_adapter))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, tokenizer
-
-
-def start_from(model: Any, adapter: Path) -> None:
-    """Load a committed adapter's LoRA weights into ``model`` (already LoRA-wrapped with the same
-    shape); refuses an adapter that leaves any of the model's LoRA weights unset."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = adapter / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"init_adapter: no adapter_model.safetensors in {adapter}")
-    result = set_peft_model_state_dict(model, load_file(str(weights)))
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"init_adapter {adapter} does not fit this config's LoRA: "
-            f"{len(missing)} weights missing, {len(result.unexpected_keys)} unexpected"
-        )
 
 
 @dataclass

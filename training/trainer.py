@@ -190,6 +190,24 @@ def spec_for(config: TrainConfig) -> ServingSpec:
     )
 
 
+def start_from(model: Any, adapter: Path) -> None:
+    """Load a committed adapter's LoRA weights into ``model`` (already LoRA-wrapped with the same
+    shape); refuses an adapter that leaves any of the model's LoRA weights unset."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"no adapter_model.safetensors in {adapter}")
+    result = set_peft_model_state_dict(model, load_file(str(weights)))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"adapter {adapter} does not fit this config's LoRA: "
+            f"{len(missing)} weights missing, {len(result.unexpected_keys)} unexpected"
+        )
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     found = sorted(
         p for p in out.glob("checkpoint-*") if not p.name.endswith(".tmp") and (p / "trainer_state.pt").is_file()
@@ -218,10 +236,7 @@ def train(
     total = config.max_steps or max(1, math.ceil(len(per_epoch) * config.epochs) - config.skip_steps)
     step, history = 0, []
     if resume and (ckpt := latest_checkpoint(out)):
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+        start_from(model, ckpt)
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
