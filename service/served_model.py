@@ -102,6 +102,9 @@ def served_model_dir(settings: Settings, folder: Path | None = None) -> Path:
             f"ERC_MODEL={name!r} is not a committed adapter under {root / ADAPTERS} (committed: {committed})"
         )
     if settings.precision == "float":
+        if not (root / name / SPEC_FILE).is_file():
+            # An image bakes in one model (Dockerfile: ERC_MODEL build argument): say so, not a load error.
+            raise WeightsError(f"ERC_MODEL={name!r}: {root / name} is not built; build it with `erc weights build`")
         return root / name
     if name == BASE_NAME:
         raise WeightsError("ERC_PRECISION=int8 needs an adapter: the embedded base model has no int8 build")

@@ -123,7 +123,10 @@ def test_the_predictor_is_free_of_the_http_protocol():
 # --- one way to name the served model ------------------------------------------------------------
 
 
-def _weights(root: Path, *names: str, default: str | None = None, int8: tuple[str, ...] = ()) -> Path:
+def _weights(
+    root: Path, *names: str, default: str | None = None, int8: tuple[str, ...] = (), unbuilt: tuple[str, ...] = ()
+) -> Path:
+    """Committed adapters ``names``, each merged (built) but those in ``unbuilt``, and the base built."""
     from service.spec import Demonstrations, LabelSetSpec, ServingSpec
 
     for name in names:
@@ -131,6 +134,10 @@ def _weights(root: Path, *names: str, default: str | None = None, int8: tuple[st
         folder.mkdir(parents=True)
         (folder / "adapter_config.json").write_text("{}")
         ServingSpec(label_sets={"meld": LabelSetSpec(demonstrations=Demonstrations(k=0))}, model_name=name).save(folder)
+    for name in ("base", *names):
+        if name not in unbuilt:
+            (root / name).mkdir(parents=True)
+            ServingSpec(model_name=name).save(root / name)
     for name in int8:
         (root / f"{name}-int8").mkdir(parents=True)
         ServingSpec(model_name=f"{name}-int8", quantization="int8").save(root / f"{name}-int8")
@@ -157,16 +164,18 @@ def test_erc_model_and_precision_name_the_served_folder(tmp_path):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"model": "gamma"}, "ERC_MODEL='gamma' is not a committed adapter under .* \\(committed: alpha, beta\\)"),
+        ({"model": "gamma"}, "ERC_MODEL='gamma' is not a committed adapter under .* \\(committed: alpha, beta, delta"),
         ({"model": "alpha", "precision": "int8"}, "alpha-int8 is not built; build it with `erc weights build --int8`"),
         ({"model": "base", "precision": "int8"}, "the embedded base model has no int8 build"),
+        # Committed but not merged here, as in an image built for another model.
+        ({"model": "delta"}, "ERC_MODEL='delta': .*delta is not built; build it with `erc weights build`"),
     ],
 )
 def test_a_misnamed_model_is_refused_naming_the_setting(tmp_path, settings, message):
     from service.served_model import WeightsError, served_model_dir
     from service.settings import Settings
 
-    root = _weights(tmp_path / "weights", "alpha", "beta", int8=("beta",))
+    root = _weights(tmp_path / "weights", "alpha", "beta", "delta", int8=("beta",), unbuilt=("delta",))
     with pytest.raises(WeightsError, match=message):
         served_model_dir(Settings(weights_root=root, **settings))
 

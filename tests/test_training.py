@@ -348,6 +348,29 @@ def test_int8_build_takes_its_calibration_from_the_committed_adapter(tokenizer, 
     assert ServingSpec.load(root / "tiny-int8").label_sets["meld"].calibration.fitted_on == "int8 refit"
 
 
+def test_served_only_build_touches_only_the_served_chain_and_can_drop_its_sources(tmp_path):
+    """What the image runs (Dockerfile: `erc weights build --served-only --drop-sources`): the
+    served adapter and what it is merged from, nothing else; then only the served merge stays."""
+    from training.weights import WeightsError, build_all, served_chain
+
+    root = tmp_path / "weights"
+    for name, base_adapter in (("base", None), ("parent", None), ("child", "parent"), ("other", None)):
+        (root / name).mkdir(parents=True)
+        ServingSpec(model_name=name).save(root / name)  # merged already: nothing to convert here
+        if name != "base":
+            (root / "adapters" / name).mkdir(parents=True)
+            (root / "adapters" / name / "adapter_config.json").write_text("{}")
+            ServingSpec(model_name=name, base_adapter=base_adapter).save(root / "adapters" / name)
+    (root / "gguf").mkdir()
+
+    assert [a.name for a in served_chain(root, "child")] == ["parent", "child"]
+    lines = build_all(root, model="child", served_only=True, drop_sources=True)
+    assert not [line for line in lines if "other" in line], lines
+    assert sorted(p.name for p in root.iterdir()) == ["adapters", "child", "other"], lines
+    with pytest.raises(WeightsError, match="'nope' is not a committed adapter"):
+        served_chain(root, "nope")
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
 def test_shipped_configs_parse(name):
     config = TrainConfig.load(CONFIGS / name)

@@ -36,6 +36,7 @@ BACKBONE_SUFFIX = "-base"
 __all__ = [
     "WeightsError",
     "build_all",
+    "served_chain",
     "backbone_dir",
     "build_backbone",
     "convert_gguf",
@@ -276,21 +277,49 @@ def merge_base(weights_root: Path, adapter_dir: Path) -> Path:
     return weights_root / BASE_NAME
 
 
-def build_all(weights_root: Path, force: bool = False, int8: bool = False, model: str | None = None) -> list[str]:
+def served_chain(weights_root: Path, name: str) -> list[Path]:
+    """The committed adapters that the merge of ``name`` is built from, in build order (its base
+    adapters first, ``name`` last); empty for ``base``."""
+    chain: list[Path] = []
+    while name != BASE_NAME:
+        folder = weights_root / ADAPTERS / name
+        if not (folder / SPEC_FILE).is_file():
+            raise WeightsError(f"{name!r} is not a committed adapter under {weights_root / ADAPTERS}")
+        chain.insert(0, folder)
+        name = ServingSpec.load(folder).base_adapter or BASE_NAME
+    return chain
+
+
+def build_all(
+    weights_root: Path,
+    force: bool = False,
+    int8: bool = False,
+    model: str | None = None,
+    served_only: bool = False,
+    drop_sources: bool = False,
+) -> list[str]:
     """Build ``base/`` from the embedded GGUF and merge every committed adapter (an adapter
     trained on top of another into that one's merge); with ``int8`` also quantize the merge of
     ``model`` (default: the default adapter, the one whose card has int8 figures) into
-    ``<name>-int8/``. Skip folders already built unless ``force``."""
+    ``<name>-int8/``. Skip folders already built unless ``force``.
+
+    ``served_only`` builds only ``model`` and what it is merged from; ``drop_sources`` then
+    deletes those sources (fetched GGUFs, converted bases, parent merges), leaving what serves
+    ``model``: for an image that bakes in one model."""
     done = []
+    served_name = model or default_adapter(weights_root)
+    chain = served_chain(weights_root, served_name) if served_only else adapters(weights_root)
     base = weights_root / BASE_NAME
     rebuilt = set()
-    if force or not (base / SPEC_FILE).is_file():
-        convert_gguf(embedded_gguf(), base)
-        done.append(f"built    {base}")
-        rebuilt.add(BASE_NAME)
-    else:
-        done.append(f"present  {base}")
-    for adapter in adapters(weights_root):
+    # Served-only, the embedded SmolLM2 is converted only if the chain is merged into it.
+    if not served_only or served_name == BASE_NAME or any(merge_base(weights_root, a) == base for a in chain):
+        if force or not (base / SPEC_FILE).is_file():
+            convert_gguf(embedded_gguf(), base)
+            done.append(f"built    {base}")
+            rebuilt.add(BASE_NAME)
+        else:
+            done.append(f"present  {base}")
+    for adapter in chain:
         out = weights_root / adapter.name
         parent = merge_base(weights_root, adapter)
         backbone = ServingSpec.load(adapter).backbone
@@ -303,7 +332,7 @@ def build_all(weights_root: Path, force: bool = False, int8: bool = False, model
             rebuilt.add(adapter.name)
         else:
             done.append(f"present  {out}")
-    served = weights_root / (model or default_adapter(weights_root))
+    served = weights_root / served_name
     if int8 and served.name != BASE_NAME:
         if not (weights_root / ADAPTERS / served.name / SPEC_FILE).is_file():
             raise WeightsError(f"int8 build of {served.name!r}: it is not a committed adapter under {weights_root}")
@@ -318,6 +347,13 @@ def build_all(weights_root: Path, force: bool = False, int8: bool = False, model
             done.append(f"int8     {quantized}" + ("" if fitted else " (float calibration: none fitted for int8)"))
         else:
             done.append(f"present  {quantized}")
+    if drop_sources:
+        sources = {weights_root / BASE_NAME, weights_root / "gguf"}
+        sources |= {merge_base(weights_root, a) for a in chain} | {weights_root / a.name for a in chain}
+        for folder in sorted(sources - {served}):
+            if folder.is_dir():
+                shutil.rmtree(folder)
+                done.append(f"removed  {folder} (built from, not served)")
     return done
 
 
