@@ -14,11 +14,11 @@ def test_unavoidable_tokens_counts_what_no_earlier_prompt_shares():
 def test_harness_smoke(settings, data_dir, tmp_path):
     model = require(settings.weights_root / "base", "run `erc weights build`")
     require(settings.index_root / "meld" / "manifest.json", "run `erc index build --dataset meld`")
-    # Eager engines: the harness's every phase and figure, without a compilation per start.
+    # One eager engine: the harness's every figure, without a compilation or the compiled starts.
     result = run(
         settings, model, dialogues=2, requests=4, levels=[1, 2], baseline_limit=4, port=free_port(), compile=False
     )
-    assert result["compiled"] is False
+    assert result["compiled"] is False and set(result["cold_start_s"]) == {"eager"}
     assert result["utterances"] > 0 and result["predict_dialogue"]["utterances_per_s"] > 0
     assert {b["dtype"]: b["utterances"] for b in result["baselines"].values()} == {"float32": 4, "bfloat16": 4}
     assert all(result["ratio_over_baseline"][d] > 0 for d in ("float32", "bfloat16"))
@@ -35,6 +35,7 @@ def test_harness_smoke(settings, data_dir, tmp_path):
     text = md.read_text()
     assert "ratio service / float32 baseline" in text and "erc bench --dialogues 2" in text
     assert "empty compile cache" in text and "eager engine" in text and "a check of the harness" in text
+    assert "not measured (`--no-compile`)" in text
     assert "adjusted for the machine's speed" in text and "The probe moved" in text
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -338,13 +338,6 @@ def sample(data_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def unseen(data_dir, tmp_path_factory) -> Path:
-    """Dialogues no other test sends to the module's server: its prefix cache has not seen them,
-    whichever tests ran before."""
-    return _meld_sample(data_dir, tmp_path_factory.mktemp("label-speed"), 8, 16)
-
-
-@pytest.fixture(scope="module")
 def server(settings, tmp_path_factory):
     from bench.launcher import ServerProcess, free_port
     from tests.conftest import require
@@ -360,11 +353,18 @@ def server(settings, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(sample, tmp_path_factory) -> dict:
+def reference_run(sample, tmp_path_factory) -> tuple[Path, dict]:
+    """One in-process `erc label` run on the sample: its output file and its --stats-json."""
+    folder = tmp_path_factory.mktemp("label-reference")
+    out, stats = folder / "labels.jsonl", folder / "stats.json"
+    _erc_label(str(sample), "-o", str(out), "--stats-json", str(stats))
+    return out, json.loads(stats.read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict:
     """The in-process run's rows on the sample, by (dialogue id, turn): what every mode must match."""
-    out = tmp_path_factory.mktemp("label-reference") / "labels.jsonl"
-    _erc_label(str(sample), "-o", str(out))
-    return {(r["dialogue_id"], r["turn"]): r for r in _rows(out)}
+    return {(r["dialogue_id"], r["turn"]): r for r in _rows(reference_run[0])}
 
 
 def _erc_label(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -386,18 +386,16 @@ def _same_labels(rows: list[dict], reference: dict) -> None:
         assert row["scores"] == pytest.approx(want["scores"], abs=1e-4)
 
 
-def test_in_process_label_gives_the_labels_of_predict_dialogue(server, unseen, tmp_path):
+def test_in_process_label_gives_the_labels_of_predict_dialogue(server, sample, reference_run):
     """The in-process mode labels as the service does. Its speed against /predict_dialogue is a
     benchmark figure (`erc bench`'s `label_over_predict_dialogue`), not a timed test."""
     from service.client import ERCClient
 
-    dialogues = [json.loads(line) for line in unseen.read_text().splitlines()]
+    dialogues = [json.loads(line) for line in sample.read_text().splitlines()]
     utterances = sum(len(d["turns"]) for d in dialogues)
     with ERCClient(server.base) as client:
         batch = client.predict_dialogue(dialogues)
-    out, stats = tmp_path / "labels.jsonl", tmp_path / "stats.json"
-    _erc_label(str(unseen), "-o", str(out), "--stats-json", str(stats))
-    summary = json.loads(stats.read_text())
+    out, summary = reference_run
     rows = _rows(out)
     assert [(r["dialogue_id"], r["turn"]) for r in rows] == [
         (d["id"], t) for d in dialogues for t in range(len(d["turns"]))
