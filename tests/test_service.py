@@ -260,6 +260,26 @@ def test_the_card_sample_holds_every_label_and_does_not_follow_the_files_order(d
         card.sample_dialogues("meld", dialogues, size=0)
 
 
+def test_the_card_bounds_widen_only_to_what_the_records_own_rerun_moved():
+    """A model whose recorded sample moved more in other batches than the fixed bounds allow gets
+    STABILITY_FACTOR times that much; a label recorded with a clear margin never may change."""
+    from training import card
+
+    n = 200
+    recorded = {"predicted": ["a"] * n, "margins": [0.01] * (n - 1) + [0.5], "weighted_f1": 50.0, "ece": 0.05}
+    flipped = {**recorded, "predicted": ["b"] * 6 + ["a"] * (n - 6), "weighted_f1": 49.0, "ece": 0.065}
+    assert card.problems(recorded, recorded) == []
+    fixed = card.problems(recorded, flipped)
+    assert len(fixed) == 2 and "under 98.0%" in fixed[0] and "ECE moved +0.0150, over 0.0100" in fixed[1]
+    steady = {"labels_changed": 0, "weighted_f1_delta": 0.0, "ece_delta": 0.0}
+    assert card.bounds(recorded, steady) == card.bounds(recorded)
+    moved = {"labels_changed": 4, "weighted_f1_delta": -0.2, "ece_delta": 0.008}
+    assert card.bounds(recorded, moved) == pytest.approx({"agreement": 0.96, "weighted_f1": 1.5, "ece": 0.016})
+    assert card.problems(recorded, flipped, moved) == []
+    clear = {**flipped, "predicted": flipped["predicted"][:-1] + ["b"]}
+    assert [p for p in card.problems(recorded, clear, moved) if "CLEAR_MARGIN" in p]
+
+
 def test_served_default_reproduces_its_card_on_the_card_sample(live, settings, tmp_path):
     """The bar of the model card: `make serve` serves the default adapter (weights/adapters/
     DEFAULT) for every label set it was trained on, and `erc evaluate` through the live engine
@@ -315,7 +335,7 @@ def test_served_default_reproduces_its_card_on_the_card_sample(live, settings, t
         assert report["precision"] == dtype and report["count"] == recorded["count"], report["dataset"]
         assert f"{recorded['weighted_f1']:.2f}" in card_text, (report["dataset"], recorded["weighted_f1"])
         print(f"\n[card sample] {report['dataset']} {dtype}: {card.compare(recorded, measured)}")
-        why = card.problems(recorded, measured)
+        why = card.problems(recorded, measured, record[dtype].get("stability", {}).get(report["dataset"]))
         if why:
             failures[report["dataset"]] = why
     assert not failures, failures
