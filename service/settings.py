@@ -97,7 +97,7 @@ class Settings(BaseSettings):
         description="Engine dtype. auto: bfloat16 where the hardware computes it natively (a GPU; a CPU with "
         "AMX or AVX-512 BF16, where it is faster than float32 and halves the KV cache), else float32 (a CPU "
         "without them emulates bfloat16, several times slower than float32). bfloat16 is not batch-invariant "
-        "(near-tie labels may differ between a batch and a single request); float32 is bit-stable.",
+        "(near-tie labels may differ between a batch and a single request); float32 differs only by rounding.",
     )
     max_model_len: int = Field(
         default=4096, ge=256, description="Tokens of prompt and answer the engine accepts; a longer prompt is a 422."

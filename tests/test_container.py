@@ -29,6 +29,7 @@ from tests.containers import (
     IMAGE,
     LABEL,
     READY_TIMEOUT_S,
+    ROOT,
     Container,
     _compose_command,
     _docker,
@@ -162,7 +163,10 @@ def test_runtime_image_is_slim_and_read_only(docker_env):
     assert facts["encoder_runtime"], "the default encoder backend's runtime (onnxruntime) is missing"
     assert "encoder-onnx" in facts["weights"], facts["weights"]
     assert facts["writable"] == [], "code or weights writable by the service user"
-    assert "base" in facts["weights"] and "adapters" in facts["weights"]
+    # One merged model, the default: what it was built from (GGUF, converted base) is dropped.
+    default = (ROOT / "weights" / "adapters" / "DEFAULT").read_text().strip()
+    assert default in facts["weights"] and "adapters" in facts["weights"], facts["weights"]
+    assert not {"base", "gguf"} & set(facts["weights"]), facts["weights"]
 
 
 def test_compose_runs_hardened_limited_replicas_behind_nginx(deployment):

@@ -316,9 +316,10 @@ def test_memory_stays_flat_from_ten_thousand_to_a_million_utterances(tmp_path):
 # --- the real engine -------------------------------------------------------------------------------
 # One server for the module (ERC_MAX_INFLIGHT=1: a second request at once is a 429), a few MELD
 # test dialogues, and an in-process run's rows as the reference every other mode must match.
-# Every engine here runs float32, which is batch-invariant: one dialogue per request and a whole
-# chunk in one batch give the same scores, so labels can be compared exactly (bfloat16, what
-# ERC_DTYPE=auto picks on a CPU with BF16 instructions, moves scores with the batch's make-up).
+# Every engine here runs float32, which is batch-invariant up to rounding: one dialogue per
+# request and a whole chunk in one batch give the same labels and scores to 1e-4, so labels can be
+# compared exactly (bfloat16, what ERC_DTYPE=auto picks on a CPU with BF16 instructions, moves
+# scores with the batch's make-up).
 FLOAT32 = {"ERC_DTYPE": "float32"}
 
 
@@ -382,7 +383,7 @@ def _same_labels(rows: list[dict], reference: dict) -> None:
     for row in rows:
         want = reference[(row["dialogue_id"], row["turn"])]
         assert row["label"] == want["label"], (row, want)
-        # float32 is batch-invariant here (README): one dialogue per request gives the batch's scores.
+        # float32 is batch-invariant up to rounding: one dialogue per request gives the batch's scores.
         assert row["scores"] == pytest.approx(want["scores"], abs=1e-4)
 
 

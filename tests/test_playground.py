@@ -246,7 +246,9 @@ def test_a_link_labels_its_dialogue_as_the_api_does(server, browser, tmp_path):
     want = answer.json()["results"][0]["predictions"]
     assert [i.get_attribute("data-label") for i in items] == [p["label"] for p in want]
     for item, p in zip(items, want):
-        assert float(item.get_attribute("data-score")) == pytest.approx(p["scores"][p["label"]], abs=1e-9)
+        # float32 scores agree up to rounding, not bit for bit: the second request reuses the
+        # first one's prefix cache, so its prompt is computed in other chunks.
+        assert float(item.get_attribute("data-score")) == pytest.approx(p["scores"][p["label"]], abs=1e-5)
         # The label is written, not only coloured, and every bar has a name and a value for a reader.
         assert p["label"] in item.locator(".chip").inner_text()
         meters = item.locator("[role=meter]").all()
