@@ -103,7 +103,7 @@ def served_model_dir(settings: Settings, folder: Path | None = None) -> Path:
         )
     if settings.precision == "float":
         if not (root / name / SPEC_FILE).is_file():
-            # An image bakes in one model (Dockerfile: ERC_MODEL build argument): say so, not a load error.
+            # An image bakes in one model (Dockerfile: SERVED_MODEL build argument): say so, not a load error.
             raise WeightsError(f"ERC_MODEL={name!r}: {root / name} is not built; build it with `erc weights build`")
         return root / name
     if name == BASE_NAME:
