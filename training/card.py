@@ -55,10 +55,21 @@ LABEL_AGREEMENT = 0.98
 #: A recorded label whose calibrated probability led the runner-up by at least this much must
 #: not change at all.
 CLEAR_MARGIN = 0.10
-#: Weighted F1 (x100) and ECE of each sample against the recorded ones: the few near-ties that
+#: Weighted F1 (x100) of each sample against the recorded one: the few near-ties that
 #: LABEL_AGREEMENT lets flip can move a sample's weighted F1 by more than a point.
 WEIGHTED_F1_BOUND = 1.5
-ECE_BOUND = 0.01
+#: The calibrated probabilities, utterance by utterance: the mean absolute change of each served
+#: label's lead over the runner-up (the recorded ``margins``). A serving change that moves the
+#: probabilities (calibration not applied or fitted anew, another template or demonstrations)
+#: moves many leads at once; float32 against bfloat16, a far larger change of arithmetic than two
+#: bfloat16 hosts, stays under it (the card's sample section gives the figures). Unlike ECE it
+#: does not jump when a score crosses a bin's edge.
+MARGIN_SHIFT_BOUND = 0.03
+#: ECE of each sample against the recorded one, a coarse check: on a sample of about 250, one
+#: utterance whose confidence crosses an edge of the 15 bins moves ECE by up to 2/250, so score
+#: changes too small to move a label's lead move it by a few of those; MARGIN_SHIFT_BOUND is the
+#: fine check of the probabilities.
+ECE_BOUND = 0.04
 #: How far the bounds widen for a model whose own record shows larger batch effects: when the
 #: recorded sample, run again in other batches on the recording host (``--compare-chunk``), moved
 #: more than the bounds above allow, another host may move it as much again, so each bound
@@ -146,6 +157,7 @@ def compare(recorded: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any
         "clear_flips": [(i, a, b, m) for i, (a, b, m) in enumerate(pairs) if a != b and m >= CLEAR_MARGIN],
         "weighted_f1_delta": round(measured["weighted_f1"] - recorded["weighted_f1"], 2),
         "ece_delta": round(measured["ece"] - recorded["ece"], 4),
+        "margin_shift": round(float(np.mean(np.abs(np.subtract(measured["margins"], recorded["margins"])))), 4),
     }
 
 
@@ -153,12 +165,19 @@ def bounds(recorded: dict[str, Any], stability: dict[str, Any] | None = None) ->
     """The card test's bounds for one sample: the fixed ones, each widened to STABILITY_FACTOR
     times what the record's own re-run in other batches moved (``stability``, that dataset's entry
     of the record's ``stability``), where that is more."""
-    out = {"agreement": LABEL_AGREEMENT, "weighted_f1": WEIGHTED_F1_BOUND, "ece": ECE_BOUND}
+    out = {
+        "agreement": LABEL_AGREEMENT,
+        "weighted_f1": WEIGHTED_F1_BOUND,
+        "ece": ECE_BOUND,
+        "margin_shift": MARGIN_SHIFT_BOUND,
+    }
     if stability:
         count = len(recorded["predicted"])
         out["agreement"] = min(LABEL_AGREEMENT, 1 - STABILITY_FACTOR * stability["labels_changed"] / count)
         out["weighted_f1"] = max(WEIGHTED_F1_BOUND, STABILITY_FACTOR * abs(stability["weighted_f1_delta"]))
         out["ece"] = max(ECE_BOUND, STABILITY_FACTOR * abs(stability["ece_delta"]))
+        # Records made before the margin shift was kept have none: the fixed bound holds.
+        out["margin_shift"] = max(MARGIN_SHIFT_BOUND, STABILITY_FACTOR * stability.get("margin_shift", 0.0))
     return out
 
 
@@ -183,6 +202,11 @@ def problems(recorded: dict[str, Any], measured: dict[str, Any], stability: dict
         out.append(
             f"ECE moved {c['ece_delta']:+.4f}, over {b['ece']:.4f} "
             f"(ECE_BOUND {ECE_BOUND}, or the record's re-run x STABILITY_FACTOR)"
+        )
+    if c["margin_shift"] > b["margin_shift"]:
+        out.append(
+            f"the labels' leads moved {c['margin_shift']:.4f} on average, over {b['margin_shift']:.4f} "
+            f"(MARGIN_SHIFT_BOUND {MARGIN_SHIFT_BOUND}, or the record's re-run x STABILITY_FACTOR)"
         )
     return out
 
@@ -307,6 +331,7 @@ def record_sample(adapter: Path, settings: Settings, results: dict[str, Any], co
                 "clear_flips": len(c["clear_flips"]),
                 "weighted_f1_delta": c["weighted_f1_delta"],
                 "ece_delta": c["ece_delta"],
+                "margin_shift": c["margin_shift"],
             }
         entry["stability"] = stability
     record[precision] = entry
