@@ -26,6 +26,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: item.path.name in CONTAINER_MODULES)
 
 
+#: The model of the tests that check processes, not the model's numbers (drain, signals, restarts,
+#: a stalled or killed engine, the labelling modes): the committed adapter on the smaller SmolLM2
+#: backbone, which loads and starts faster than the served default. The served default has the
+#: tests of its own numbers: test_service's live engine, the card test, the containers.
+PROCESS_TEST_ENV = {"ERC_MODEL": "smollm2-erc3"}
+
+
+def process_test_env(settings: Settings) -> dict[str, str]:
+    """PROCESS_TEST_ENV, once its model is built (`erc weights build` builds every committed adapter)."""
+    require(settings.weights_root / PROCESS_TEST_ENV["ERC_MODEL"] / "erc.json", "run `erc weights build`")
+    return dict(PROCESS_TEST_ENV)
+
+
 def require(path: Path, how: str) -> Path:
     if not path.exists():
         message = f"{path} is missing ({how})"

@@ -88,12 +88,13 @@ def deployment(docker_env, settings, data_dir, tmp_path_factory):
     compose("build", "nginx", timeout=600)
     bare = None
     try:
-        # `up` returns once erc is healthy (/ready): erc-2 waits for it (compose.yaml's rolling
-        # first start), then reloads the compile cache erc wrote into the shared volume. The bare
-        # process starts with it, reloading the host's cache (the rest of the suite compiled the
-        # same model): two like starts side by side, on the same cores.
-        compose("up", "-d", "--no-build", timeout=READY_TIMEOUT_S)
+        # The bare process starts first, reloading the host's compile cache (the rest of the suite
+        # compiled the same model): its mostly single-threaded start uses the core that erc's
+        # compile leaves idle. `up` returns once erc is healthy (/ready): erc-2 waits for it
+        # (compose.yaml's rolling first start), then reloads the compile cache erc wrote into the
+        # shared volume.
         bare = ServerProcess(free_port(), env=BARE_ENV, log=tmp / "bare.log")
+        compose("up", "-d", "--no-build", timeout=READY_TIMEOUT_S)
         replicas = [
             Container(docker_env, compose.container(s), f"http://{compose.ip(s + '-net')}:8000")
             for s in ("erc", "erc-2")
@@ -107,7 +108,7 @@ def deployment(docker_env, settings, data_dir, tmp_path_factory):
         print(
             f"\n[container] start -> /ready: erc {replicas[0].ready_after:.0f} s (empty compile cache), "
             f"erc-2 {replicas[1].ready_after:.0f} s (the cache erc wrote); "
-            f"the bare process {bare_ready:.0f} s (the host's cache)"
+            f"the bare process {bare_ready:.0f} s (the host's cache, beside erc's compile)"
         )
         yield {
             "env": docker_env,

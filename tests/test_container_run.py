@@ -26,8 +26,10 @@ pytestmark = pytest.mark.skipif(
 
 def test_the_documented_plain_docker_run_gets_ready(docker_env, settings):
     """Docker's default /dev/shm is 64 MiB: vLLM's message queues (400 MiB by its defaults) must
-    shrink to fit, and the service answer as usual."""
-    container = run_as_documented(docker_env, free_port(), _index_root(settings))
+    shrink to fit, and the service answer as usual. Eager (ERC_ENFORCE_EAGER, the one flag added
+    to the documented line): a container compiling its model into an empty cache is
+    tests/test_container.py's first replica; here it would only add minutes."""
+    container = run_as_documented(docker_env, free_port(), _index_root(settings), "-e", "ERC_ENFORCE_EAGER=true")
     try:
         ready = container.wait_ready()
         print(f"\n[container] plain docker run -> /ready in {ready:.0f} s")

@@ -22,7 +22,7 @@ import pytest
 
 from bench.launcher import ServerProcess, free_port
 from service.data import load_split
-from tests.conftest import IN_CI, engine_cores, require
+from tests.conftest import IN_CI, PROCESS_TEST_ENV, engine_cores, process_test_env, require
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -77,11 +77,13 @@ def test_nginx_accepts_the_config(tmp_path):
 
 
 # Replicas drain for 1 s (not the production 3 s) and keep a small KV cache: two share 2 cores.
-REPLICA_ENV = {"ERC_DRAIN_GRACE_S": "1", "ERC_KV_CACHE_GIB": "1"}
+# Eager: what is checked here is the processes (drain, signals, restarts), not the compiled model
+# (the rest of the suite serves that), and an eager engine starts without reloading it.
+REPLICA_ENV = {"ERC_DRAIN_GRACE_S": "1", "ERC_KV_CACHE_GIB": "1", "ERC_ENFORCE_EAGER": "true"}
 
 
 def replica(port: int, log: Path, **env: str) -> ServerProcess:
-    return ServerProcess(port, env={**REPLICA_ENV, **env}, log=log)
+    return ServerProcess(port, env={**PROCESS_TEST_ENV, **REPLICA_ENV, **env}, log=log)
 
 
 def _payloads(data_dir: Path) -> list[tuple[str, dict]]:
@@ -150,7 +152,7 @@ def _retried(access_log: Path, since: int, sent: int = 0) -> int:
 
 @pytest.fixture(scope="module")
 def cluster(data_dir, settings, tmp_path_factory):
-    require(settings.weights_root / "base" / "erc.json", "run `erc weights build`")
+    process_test_env(settings)
     require(settings.index_root / "meld" / "manifest.json", "run `erc index build --dataset meld`")
     nginx = _tool("nginx")
     tmp = tmp_path_factory.mktemp("lb")

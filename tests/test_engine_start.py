@@ -18,7 +18,7 @@ from service import start_method
 from service.served_model import served_model_dir
 from service.settings import Settings
 from service.startup import EXIT_FAILED
-from tests.conftest import require
+from tests.conftest import process_test_env, require
 
 #: Loading the model and failing to allocate its KV cache takes under a minute on 2 cores; a
 #: hang is what this bound catches.
@@ -156,7 +156,14 @@ def test_an_engine_that_fails_to_start_exits_70_and_leaves_no_process(settings, 
     # temporary folder: the failed start must leave nothing there.
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    env = {**os.environ, "ERC_KV_CACHE_GIB": str(4 * total_gib + 4), "TMPDIR": str(scratch)}
+    # The process tests' model, eager: what is checked is how a failed start ends, not the model.
+    env = {
+        **os.environ,
+        **process_test_env(settings),
+        "ERC_ENFORCE_EAGER": "true",
+        "ERC_KV_CACHE_GIB": str(4 * total_gib + 4),
+        "TMPDIR": str(scratch),
+    }
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -22,6 +22,7 @@ from labeling.run import Options, label
 from labeling.store import errors_path, parts_dir
 from service.labels import LABEL_SETS
 from service.schemas import Prediction
+from tests.conftest import PROCESS_TEST_ENV, process_test_env
 
 MELD = LABEL_SETS["meld"]
 ERC = str(Path(sys.executable).with_name("erc"))
@@ -319,8 +320,9 @@ def test_memory_stays_flat_from_ten_thousand_to_a_million_utterances(tmp_path):
 # Every engine here runs float32, which is batch-invariant up to rounding: one dialogue per
 # request and a whole chunk in one batch give the same labels and scores to 1e-4, so labels can be
 # compared exactly (bfloat16, what ERC_DTYPE=auto picks on a CPU with BF16 instructions, moves
-# scores with the batch's make-up).
-FLOAT32 = {"ERC_DTYPE": "float32"}
+# scores with the batch's make-up). The model is the process tests' (tests/conftest.py), eager:
+# these tests check the modes against each other, and an eager engine starts without compiling.
+LABEL_ENV = {**PROCESS_TEST_ENV, "ERC_DTYPE": "float32", "ERC_ENFORCE_EAGER": "true"}
 
 
 def _meld_sample(data_dir: Path, folder: Path, first: int, last: int) -> Path:
@@ -344,8 +346,9 @@ def server(settings, tmp_path_factory):
     from tests.conftest import require
 
     require(settings.index_root / "meld" / "manifest.json", "run `erc index build --dataset meld`")
+    process_test_env(settings)
     log = tmp_path_factory.mktemp("label-server") / "server.log"
-    process = ServerProcess(free_port(), {"ERC_MAX_INFLIGHT": "1", **FLOAT32}, log=log)
+    process = ServerProcess(free_port(), {"ERC_MAX_INFLIGHT": "1", **LABEL_ENV}, log=log)
     try:
         process.wait_ready()
         yield process
@@ -369,7 +372,7 @@ def reference(reference_run) -> dict:
 
 
 def _erc_label(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, **FLOAT32}
+    env = {**os.environ, **LABEL_ENV}
     result = subprocess.run([ERC, "label", *args, "--no-progress"], capture_output=True, text=True, env=env)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

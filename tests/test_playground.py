@@ -21,7 +21,7 @@ from service.routes.playground import ASSETS, STATIC
 from service.settings import Settings
 from service.spec import Demonstrations, ServingSpec
 from service.state import ServiceState
-from tests.conftest import IN_CI, require
+from tests.conftest import IN_CI, process_test_env, require
 from tests.doubles import FakeEngine
 
 MELD = LABEL_SETS["meld"]
@@ -142,10 +142,18 @@ def server(settings, tmp_path_factory):
     loading, which the first browser test sees."""
     from bench.launcher import ServerProcess, free_port
 
-    require(settings.weights_root / "base" / "erc.json", "run `erc weights build`")
     require(settings.index_root / "meld" / "manifest.json", "run `erc index build --dataset meld`")
     log = tmp_path_factory.mktemp("playground") / "serve.log"
-    launched = ServerProcess(free_port(), env={"ERC_KV_CACHE_GIB": "1", "ERC_DRAIN_GRACE_S": "0"}, log=log)
+    # The page, not the model's numbers, is under test: the process tests' model, eager; float32,
+    # whose scores the page must show as the API gives them (up to rounding, whatever the batch).
+    env = {
+        **process_test_env(settings),
+        "ERC_ENFORCE_EAGER": "true",
+        "ERC_DTYPE": "float32",
+        "ERC_KV_CACHE_GIB": "1",
+        "ERC_DRAIN_GRACE_S": "0",
+    }
+    launched = ServerProcess(free_port(), env=env, log=log)
     try:
         deadline = time.monotonic() + 120
         while True:
