@@ -24,7 +24,7 @@ from service.served_model import (
 )
 from service.spec import SPEC_FILE, ServingSpec
 from training import backbones
-from training.fetch import PROVENANCE_FILE, fetch, gguf_dir, gguf_path, verify_gguf
+from training.fetch import GGUF_DIR, PROVENANCE_FILE, fetch, gguf_dir, gguf_path, verify_gguf
 
 if TYPE_CHECKING:
     import torch
@@ -348,7 +348,7 @@ def build_all(
         else:
             done.append(f"present  {quantized}")
     if drop_sources:
-        sources = {weights_root / BASE_NAME, weights_root / "gguf"}
+        sources = {weights_root / BASE_NAME, weights_root / GGUF_DIR}
         sources |= {merge_base(weights_root, a) for a in chain} | {weights_root / a.name for a in chain}
         for folder in sorted(sources - {served}):
             if folder.is_dir():
