@@ -375,8 +375,11 @@ def _rss_mb() -> float:
     return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)]) / 2**20
 
 
+SOAK_REQUESTS = 1000
+
+
 def test_soak_fixed_concurrency_zero_errors_flat_memory(live, meld_dialogues):
-    """A bounded soak: 2,000 /predict requests, 8 at a time, through the real engine."""
+    """A bounded soak: 1,000 /predict requests, 8 at a time, through the real engine."""
     import asyncio
 
     import httpx
@@ -404,14 +407,15 @@ def test_soak_fixed_concurrency_zero_errors_flat_memory(live, meld_dialogues):
     live.portal.call(soak, 200, 8)  # warm-up: caches, allocator pools
     start_mb = _rss_mb()
     began = time.monotonic()
-    stats = live.portal.call(soak, 2000, 8)
+    stats = live.portal.call(soak, SOAK_REQUESTS, 8)
     wall = time.monotonic() - began
     end_mb = _rss_mb()
     print(
-        f"\n[soak] 2000 requests at concurrency 8 in {wall:.1f} s ({2000 / wall:.1f}/s): ok {stats['ok']}, "
+        f"\n[soak] {SOAK_REQUESTS} requests at concurrency 8 in {wall:.1f} s ({SOAK_REQUESTS / wall:.1f}/s): "
+        f"ok {stats['ok']}, "
         f"errors {len(stats['errors'])}; RSS {start_mb:.0f} MB -> {end_mb:.0f} MB"
     )
-    assert stats["errors"] == [] and stats["ok"] == 2000
+    assert stats["errors"] == [] and stats["ok"] == SOAK_REQUESTS
     assert end_mb < start_mb * 1.05 + 50
 
 
