@@ -11,16 +11,18 @@ TARGET ?= cpu
 # uv does not read pip's configuration: the local wheel folders pip is pointed at (torch 2.13.0+cpu
 # lies in one here) are passed on.
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell python3 -m pip config get global.find-links 2>/dev/null))
-UV_INSTALL = $(VENV)/bin/uv pip install --python $(PY) --index-strategy unsafe-best-match \
+# --compile-bytecode: uv compiles none by default, and where PYTHONDONTWRITEBYTECODE is set (as on
+# these machines) every process would then compile every module it imports, at every start.
+UV_INSTALL = $(VENV)/bin/uv pip install --python $(PY) --index-strategy unsafe-best-match --compile-bytecode \
 	$(foreach links,$(FIND_LINKS),--find-links $(links))
 
 $(VENV)/.installed-$(TARGET): pyproject.toml deploy/requirements-cpu.lock
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip uv==0.13.9
-	# uv, not pip: it downloads and installs in parallel and compiles no bytecode up front (minutes
-	# less on a fresh machine). On CPU the runtime's dependencies first, at the versions the image
-	# runs: its lock, with hashes, no resolution (unsafe-best-match: torch's +cpu build comes from
-	# the local wheel folder while PyPI has a plain torch, as in the Dockerfile).
+	# uv, not pip: it downloads, installs and compiles bytecode in parallel. On CPU the runtime's
+	# dependencies first, at the versions the image runs: its lock, with hashes, no resolution
+	# (unsafe-best-match: torch's +cpu build comes from the local wheel folder while PyPI has a
+	# plain torch, as in the Dockerfile).
 	if [ "$(TARGET)" = cpu ]; then $(UV_INSTALL) --no-deps --require-hashes -r deploy/requirements-cpu.lock; fi
 	# Then this project (editable) and its extras, resolved around what is installed. onnx: the
 	# retrieval encoder's default runtime (ERC_ENCODER_BACKEND=onnx; `erc weights build` exports it).
