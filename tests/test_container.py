@@ -36,7 +36,7 @@ from tests.containers import (
     _index_root,
     _run,
 )
-from tests.test_deploy import _payloads, _retried, access_lines, run_load
+from tests.test_deploy import LOAD_REQUESTS, LOAD_SIGNAL_AT, _payloads, _retried, access_lines, run_load
 
 # On by default, CI included (the issue asks for it): a cold image build and a replica compiling
 # its model make this the slowest module of the suite (deploy/README.md has the measured times).
@@ -170,9 +170,21 @@ def test_runtime_image_is_slim_and_read_only(docker_env):
     assert not {"base", "gguf"} & set(facts["weights"]), facts["weights"]
 
 
+def serving(deployment, *names: str) -> None:
+    """The named replicas ("a", "b") running and ready: one that an earlier test left stopped is
+    started again here, by the test that needs it, so no test depends on which ran before it and
+    none restarts a replica that no later test uses."""
+    for name in names:
+        c = deployment[name]
+        if not c.inspect()["State"]["Running"]:
+            _docker(deployment["env"], "start", c.id, what="docker start")
+        c.wait_ready()
+
+
 def test_compose_runs_hardened_limited_replicas_behind_nginx(deployment):
     """What compose.yaml asks for reaches the containers (compose 1.29 and v2 alike), and the
     balancer sends work to both replicas."""
+    serving(deployment, "a", "b")
     compose = deployment["compose"]
     for c in (deployment["a"], deployment["b"]):
         host = c.inspect()["HostConfig"]
@@ -212,6 +224,7 @@ def _predict_all(base: str, payloads: list[tuple[str, dict]]) -> list[str]:
 
 
 def test_container_answers_the_same_labels_as_the_bare_process(deployment):
+    serving(deployment, "a")
     payloads = [p for p in deployment["payloads"] if p[0] == "/predict"][:6] + [
         p for p in deployment["payloads"] if p[0] == "/predict_dialogue"
     ][:2]
@@ -224,6 +237,7 @@ def test_container_answers_the_same_labels_as_the_bare_process(deployment):
 
 
 def test_container_runs_unprivileged_under_tini(deployment):
+    serving(deployment, "a")
     c = deployment["a"]
     script = (
         "for d in /proc/[0-9]*; do "
@@ -239,6 +253,7 @@ def test_container_runs_unprivileged_under_tini(deployment):
 
 
 def test_healthcheck_reports_healthy(deployment):
+    serving(deployment, "a")
     c = deployment["a"]
     deadline = time.monotonic() + 90  # the check runs every 10 s
     status = None
@@ -252,53 +267,48 @@ def test_healthcheck_reports_healthy(deployment):
 
 
 def test_docker_stop_under_load_loses_no_request(deployment):
-    """`docker stop` of one replica while 4 clients send 60 requests through compose's nginx: the
+    """`docker stop` of one replica while 4 clients send LOAD_REQUESTS through compose's nginx: the
     replica drains (503 for new work, which nginx retries on the other; in-flight work finishes),
     exits by itself, and stays stopped (unless-stopped); no request fails."""
+    serving(deployment, "a", "b")
     survivor, victim, nginx = deployment["a"], deployment["b"], deployment["nginx"]
-    try:
-        since = len(nginx.logs(stderr=False).splitlines())
-        fired = threading.Event()
-        stopper: list[threading.Thread] = []
+    since = len(nginx.logs(stderr=False).splitlines())
+    fired = threading.Event()
+    stopper: list[threading.Thread] = []
 
-        def progress(sent: int) -> None:
-            if sent >= 15 and not fired.is_set():
-                fired.set()
-                t = threading.Thread(
-                    target=subprocess.run,
-                    args=(["docker", "stop", "-t", "90", victim.id],),
-                    kwargs={"env": deployment["env"], "capture_output": True, "timeout": 150},
-                )
-                t.start()
-                stopper.append(t)
+    def progress(sent: int) -> None:
+        if sent >= LOAD_SIGNAL_AT and not fired.is_set():
+            fired.set()
+            t = threading.Thread(
+                target=subprocess.run,
+                args=(["docker", "stop", "-t", "90", victim.id],),
+                kwargs={"env": deployment["env"], "capture_output": True, "timeout": 150},
+            )
+            t.start()
+            stopper.append(t)
 
-        stats = run_load(nginx.base, deployment["payloads"], total=60, workers=4, on_progress=progress)
-        for t in stopper:
-            t.join(timeout=160)
-        access = deployment["tmp"] / "nginx-access.log"
-        access.write_text(nginx.logs(stderr=False))
-        retried = _retried(access, since)
-        print(
-            f"\n[docker stop] sent {stats['sent']}, succeeded {stats['succeeded']}, retried by nginx {retried}, "
-            f"failed {stats['failed']}"
-        )
-        assert fired.is_set()
-        assert stats["failed"] == 0, stats["errors"]
-        assert stats["succeeded"] == stats["sent"] == 60
-        state = victim.inspect()["State"]
-        logs = victim.logs()
-        assert not state["Running"], "docker stop returned but the container still runs"
-        assert "drained in" in logs, logs[-3000:]
-        # Stopped by the drain, not by docker's SIGKILL after the timeout (137) or the OOM killer.
-        assert state["ExitCode"] in (0, 143) and not state["OOMKilled"], (state, logs[-2000:])
-        time.sleep(3)
-        assert not victim.inspect()["State"]["Running"], "a stopped replica was restarted (unless-stopped)"
-        assert httpx.get(f"{survivor.base}/ready", timeout=5).status_code == 200
-    finally:
-        # Back as the other tests expect it, whatever their order: both replicas serving.
-        if not victim.inspect()["State"]["Running"]:
-            _docker(deployment["env"], "start", victim.id, what="docker start")
-        victim.wait_ready()
+    stats = run_load(nginx.base, deployment["payloads"], total=LOAD_REQUESTS, workers=4, on_progress=progress)
+    for t in stopper:
+        t.join(timeout=160)
+    access = deployment["tmp"] / "nginx-access.log"
+    access.write_text(nginx.logs(stderr=False))
+    retried = _retried(access, since)
+    print(
+        f"\n[docker stop] sent {stats['sent']}, succeeded {stats['succeeded']}, retried by nginx {retried}, "
+        f"failed {stats['failed']}"
+    )
+    assert fired.is_set()
+    assert stats["failed"] == 0, stats["errors"]
+    assert stats["succeeded"] == stats["sent"] == LOAD_REQUESTS
+    state = victim.inspect()["State"]
+    logs = victim.logs()
+    assert not state["Running"], "docker stop returned but the container still runs"
+    assert "drained in" in logs, logs[-3000:]
+    # Stopped by the drain, not by docker's SIGKILL after the timeout (137) or the OOM killer.
+    assert state["ExitCode"] in (0, 143) and not state["OOMKilled"], (state, logs[-2000:])
+    time.sleep(3)
+    assert not victim.inspect()["State"]["Running"], "a stopped replica was restarted (unless-stopped)"
+    assert httpx.get(f"{survivor.base}/ready", timeout=5).status_code == 200
 
 
 # vLLM's line when it reloads the compiled model instead of compiling it (vllm/compilation/decorators.py).
@@ -317,6 +327,7 @@ def test_a_replica_whose_server_dies_is_restarted(deployment):
     """restart: unless-stopped: the server process killed (not stopped by docker) brings the
     container back, in the same network namespace, and it reloads the compiled model from the
     cache volume instead of compiling it again."""
+    serving(deployment, "a")
     c = deployment["a"]
     loaded = c.logs().count(CACHE_LOADED)
     before = c.inspect()

@@ -97,6 +97,13 @@ def _payloads(data_dir: Path) -> list[tuple[str, dict]]:
     return out
 
 
+#: The load of the tests that stop a replica under it: sent by 4 client threads, the replica
+#: signalled once LOAD_SIGNAL_AT have been answered, so that some are in flight on it and most
+#: are still to come (those must go to the other replica).
+LOAD_REQUESTS = 40
+LOAD_SIGNAL_AT = 10
+
+
 def run_load(base: str, payloads: list[tuple[str, dict]], total: int, workers: int, on_progress) -> dict:
     """Send ``total`` requests from ``workers`` threads; ``on_progress(sent)`` after each."""
     lock = threading.Lock()
@@ -251,16 +258,16 @@ def test_sigterm_drains_without_losing_a_request(cluster):
     fired = threading.Event()
 
     def progress(sent: int) -> None:
-        if sent >= 15 and not fired.is_set():
+        if sent >= LOAD_SIGNAL_AT and not fired.is_set():
             fired.set()
             victim.proc.send_signal(signal.SIGTERM)
 
-    stats = run_load(cluster["base"], cluster["payloads"], total=60, workers=4, on_progress=progress)
+    stats = run_load(cluster["base"], cluster["payloads"], total=LOAD_REQUESTS, workers=4, on_progress=progress)
     retried = _retried(cluster["access"], since, stats["sent"])
     _report("SIGTERM", stats, retried)
     assert fired.is_set()
     assert stats["failed"] == 0, stats["errors"]
-    assert stats["succeeded"] == stats["sent"] == 60
+    assert stats["succeeded"] == stats["sent"] == LOAD_REQUESTS
     # The drained replica finished its in-flight work and exited by itself.
     assert victim.proc.wait(timeout=90) is not None
     assert "drained in" in victim.log_path.read_text()
@@ -279,16 +286,16 @@ def test_a_signal_to_the_whole_process_group_drains_like_one_to_the_server(clust
     fired = threading.Event()
 
     def progress(sent: int) -> None:
-        if sent >= 15 and not fired.is_set():
+        if sent >= LOAD_SIGNAL_AT and not fired.is_set():
             fired.set()
             victim.send_signal(sig)  # os.killpg: the server's whole process group
 
-    stats = run_load(cluster["base"], cluster["payloads"], total=60, workers=4, on_progress=progress)
+    stats = run_load(cluster["base"], cluster["payloads"], total=LOAD_REQUESTS, workers=4, on_progress=progress)
     retried = _retried(cluster["access"], since, stats["sent"])
     _report(f"group {sig.name}", stats, retried)
     assert fired.is_set()
     assert stats["failed"] == 0, stats["errors"]
-    assert stats["succeeded"] == stats["sent"] == 60
+    assert stats["succeeded"] == stats["sent"] == LOAD_REQUESTS
     assert victim.proc.wait(timeout=90) is not None
     log = victim.log_path.read_text()
     assert "drained in" in log
@@ -306,11 +313,11 @@ def test_sigkill_loses_at_most_the_in_flight_requests(cluster):
     workers = 4
 
     def progress(sent: int) -> None:
-        if sent >= 15 and not fired.is_set():
+        if sent >= LOAD_SIGNAL_AT and not fired.is_set():
             fired.set()
             os.kill(second.proc.pid, signal.SIGKILL)
 
-    stats = run_load(cluster["base"], cluster["payloads"], total=60, workers=workers, on_progress=progress)
+    stats = run_load(cluster["base"], cluster["payloads"], total=LOAD_REQUESTS, workers=workers, on_progress=progress)
     second.proc.wait(timeout=60)
     retried = _retried(cluster["access"], since, stats["sent"])
     _report("SIGKILL", stats, retried)
@@ -318,7 +325,7 @@ def test_sigkill_loses_at_most_the_in_flight_requests(cluster):
     # Only requests in flight on the killed replica may fail (at most one per client thread);
     # nginx retries the rest, and everything sent afterwards goes to the survivor.
     assert stats["failed"] <= workers, stats["errors"]
-    assert stats["succeeded"] + stats["failed"] == stats["sent"] == 60
+    assert stats["succeeded"] + stats["failed"] == stats["sent"] == LOAD_REQUESTS
     assert not _outlive(cores, 60), "engine processes outlived the server"
 
 
