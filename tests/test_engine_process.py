@@ -174,3 +174,27 @@ def test_explain_names_the_cause_and_the_fix():
     own = StartupError("the model folder /x holds no checkpoint", "run `erc weights build`", permanent=True)
     assert explain(own) is own
     assert "erc weights build" in own.message()
+
+
+def test_int8_layers_in_float32_keep_off_the_bfloat16_only_amx_kernel(monkeypatch):
+    """service.cpu_kernels: vLLM's AMX int8 kernel takes bfloat16 or float16 activations only, so
+    an int8 layer of a float32 model must get the oneDNN kernel; other dtypes are asked as before."""
+    import torch
+    from vllm.model_executor.kernels.linear.scaled_mm import cpu
+
+    from service import cpu_kernels
+
+    asked = []
+    monkeypatch.setattr(cpu, "check_cpu_sgl_kernel", lambda n, k, dtype: asked.append(dtype) or True)
+    cpu_kernels.register()
+    cpu_kernels.register()  # idempotent: wrapped once
+    before = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float32)
+        assert cpu.check_cpu_sgl_kernel(64, 64, torch.int8) is False
+        assert cpu.check_cpu_sgl_kernel(64, 64, torch.bfloat16) is True
+        torch.set_default_dtype(torch.bfloat16)
+        assert cpu.check_cpu_sgl_kernel(64, 64, torch.int8) is True
+    finally:
+        torch.set_default_dtype(before)
+    assert asked == [torch.bfloat16, torch.int8]
