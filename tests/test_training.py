@@ -668,3 +668,23 @@ def test_every_committed_figure_table_names_its_precision_and_its_card_quotes_it
         for key, figures in scores.items():
             if key.endswith(" test"):
                 assert f"{figures['weighted_f1']:.2f}" in card, (path, key)
+
+
+def test_paired_bootstrap_resamples_whole_dialogues_and_brackets_the_change():
+    from training.compare import paired_bootstrap
+
+    labels = ("a", "b")
+    gold = ["a", "b"] * 40
+    sizes = [4] * 20
+    same = paired_bootstrap(gold, gold, gold, sizes, labels, resamples=50)
+    assert same["change"] == same["low"] == same["high"] == 0 and same["p_better"] == 0
+    # The second model fixes the first's errors in half of the dialogues: better in every draw
+    # that holds one of them, and the interval brackets the change.
+    wrong = ["b" if i < 40 and i % 4 == 0 else g for i, g in enumerate(gold)]
+    better = paired_bootstrap(gold, wrong, gold, sizes, labels, resamples=200)
+    assert better["second"] == 100 and better["change"] > 0
+    assert 0 <= better["low"] <= better["change"] <= better["high"] and better["p_better"] > 0.95
+    worse = paired_bootstrap(gold, gold, wrong, sizes, labels, resamples=200)
+    assert worse["change"] == -better["change"] and worse["high"] <= 0
+    with pytest.raises(ValueError, match="same utterances"):
+        paired_bootstrap(gold, gold, gold[:-1], sizes, labels)

@@ -1,0 +1,117 @@
+"""Two servable models on the same utterances: the change of weighted F1 per label set, with a
+paired bootstrap interval over dialogues (the unit the splits were drawn in; an utterance's
+label leans on its dialogue's other turns).
+
+    python -m training.compare gemma3-270m-erc3b gemma3-270m-erc3c [--split test] [--out reports/compare]
+
+Both models run through the serving path (``erc evaluate``'s, at the engine's precision), one
+after the other on this host, so that a bfloat16 comparison is not a comparison of two CPUs. The
+served (calibrated) labels and the engine's own (``raw``) are compared; each model's labels are
+kept in ``--out`` and reused by a later run with the same models and split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from service.data import default_source, load_split
+from service.settings import Settings
+from training.card import CARD_DATASETS
+
+
+def paired_bootstrap(
+    gold: Sequence[str],
+    first: Sequence[str],
+    second: Sequence[str],
+    dialogue_sizes: Sequence[int],
+    labels: Sequence[str],
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Weighted F1 (x100) of ``second`` minus ``first`` on the same utterances (in dialogue order,
+    ``dialogue_sizes`` utterances each), and its 95% interval from ``resamples`` draws of whole
+    dialogues with replacement; ``p_better``: the share of draws in which ``second`` is ahead."""
+    from sklearn.metrics import f1_score
+
+    if not len(gold) == len(first) == len(second) == sum(dialogue_sizes):
+        raise ValueError("gold, both label lists and the dialogue sizes must cover the same utterances")
+    g, a, b = np.asarray(gold), np.asarray(first), np.asarray(second)
+    starts = np.concatenate([[0], np.cumsum(dialogue_sizes)[:-1]]).astype(int)
+    spans = [np.arange(s, s + n) for s, n in zip(starts, dialogue_sizes)]
+
+    def wf1(idx: np.ndarray, predicted: np.ndarray) -> float:
+        return 100 * f1_score(g[idx], predicted[idx], labels=list(labels), average="weighted", zero_division=0)
+
+    everything = np.arange(len(g))
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        idx = np.concatenate([spans[i] for i in rng.integers(0, len(spans), len(spans))])
+        draws.append(wf1(idx, b) - wf1(idx, a))
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {
+        "first": round(wf1(everything, a), 2),
+        "second": round(wf1(everything, b), 2),
+        "change": round(wf1(everything, b) - wf1(everything, a), 2),
+        "low": round(float(low), 2),
+        "high": round(float(high), 2),
+        "p_better": round(float(np.mean(np.asarray(draws) > 0)), 3),
+    }
+
+
+def _labels_of(model: str, split: str, settings: Settings, out: Path) -> dict[str, Any]:
+    """The model's served and raw labels on each card dataset's split (cached in ``out``)."""
+    from training.evaluate import evaluate_async
+
+    cache = out / f"{model}-{split}-labels.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    runs = [(name, split, default_source(name)) for name in CARD_DATASETS]
+    reports = asyncio.run(evaluate_async(settings.weights_root / model, runs, settings, out / model))
+    result: dict[str, Any] = {}
+    for r in reports:
+        labels = r["labels"]
+        result[r["dataset"]] = {
+            "labels": list(labels),
+            "precision": r["precision"],
+            "gold": r["gold"],
+            "served": [labels[i] for i in np.asarray(r["served"]).argmax(axis=1)],
+            "raw": [labels[i] for i in np.asarray(r["distributions"]).argmax(axis=1)],
+        }
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("first", help="a built model under ERC_WEIGHTS_ROOT (the reference)")
+    parser.add_argument("second", help="a built model under ERC_WEIGHTS_ROOT (the challenger)")
+    parser.add_argument("--split", default="test", choices=("valid", "test"))
+    parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=Path("reports/compare"))
+    args = parser.parse_args(argv)
+    settings = Settings()
+    args.out.mkdir(parents=True, exist_ok=True)
+    first, second = (_labels_of(m, args.split, settings, args.out) for m in (args.first, args.second))
+    for name in CARD_DATASETS:
+        sizes = [len(d.turns) for d in load_split(settings.data_dir, name, args.split, default_source(name))]
+        a, b = first[name], second[name]
+        if a["gold"] != b["gold"]:
+            raise SystemExit(f"{name}: the two runs labelled different utterances")
+        for kind in ("served", "raw"):
+            r = paired_bootstrap(a["gold"], a[kind], b[kind], sizes, a["labels"], args.resamples)
+            print(
+                f"{name} {args.split} {kind} ({a['precision']} / {b['precision']}): {args.first} {r['first']:.2f}, "
+                f"{args.second} {r['second']:.2f}, change {r['change']:+.2f} (95% {r['low']:+.2f} .. "
+                f"{r['high']:+.2f}), ahead in {r['p_better']:.0%} of the draws"
+            )
+
+
+if __name__ == "__main__":
+    main()
