@@ -7,7 +7,7 @@ label leans on its dialogue's other turns).
 Both models run through the serving path (``erc evaluate``'s, at the engine's precision), one
 after the other on this host, so that a bfloat16 comparison is not a comparison of two CPUs. The
 served (calibrated) labels and the engine's own (``raw``) are compared; each model's labels are
-kept in ``--out`` and reused by a later run with the same models and split.
+kept in ``--out`` and reused by a later run with the same models, split and precision.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def paired_bootstrap(
         return 100 * f1_score(g[idx], predicted[idx], labels=list(labels), average="weighted", zero_division=0)
 
     everything = np.arange(len(g))
+    whole = wf1(everything, a), wf1(everything, b)
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(resamples):
@@ -56,9 +57,9 @@ def paired_bootstrap(
         draws.append(wf1(idx, b) - wf1(idx, a))
     low, high = np.percentile(draws, [2.5, 97.5])
     return {
-        "first": round(wf1(everything, a), 2),
-        "second": round(wf1(everything, b), 2),
-        "change": round(wf1(everything, b) - wf1(everything, a), 2),
+        "first": round(whole[0], 2),
+        "second": round(whole[1], 2),
+        "change": round(whole[1] - whole[0], 2),
         "low": round(float(low), 2),
         "high": round(float(high), 2),
         "p_better": round(float(np.mean(np.asarray(draws) > 0)), 3),
@@ -66,10 +67,12 @@ def paired_bootstrap(
 
 
 def _labels_of(model: str, split: str, settings: Settings, out: Path) -> dict[str, Any]:
-    """The model's served and raw labels on each card dataset's split (cached in ``out``)."""
+    """The model's served and raw labels on each card dataset's split (cached in ``out``, per
+    precision: a float32 run must not reuse a bfloat16 run's labels)."""
+    from service.devices import resolve_dtype
     from training.evaluate import evaluate_async
 
-    cache = out / f"{model}-{split}-labels.json"
+    cache = out / f"{model}-{split}-{resolve_dtype(settings.dtype)}-labels.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     runs = [(name, split, default_source(name)) for name in CARD_DATASETS]
