@@ -230,7 +230,7 @@ def test_container_answers_the_same_labels_as_the_bare_process(deployment):
     the two processes batch a dialogue's utterances by their own timing, so a near-tie may flip;
     a label led by CLEAR_MARGIN may not, and another model, template or calibration moves every
     lead at once, past MARGIN_SHIFT_BOUND."""
-    from training.card import CLEAR_MARGIN, MARGIN_SHIFT_BOUND
+    from training.card import CLEAR_MARGIN, MARGIN_SHIFT_BOUND, compare_labels, leads
 
     serving(deployment, "a")
     payloads = [p for p in deployment["payloads"] if p[0] == "/predict"][:6] + [
@@ -240,17 +240,11 @@ def test_container_answers_the_same_labels_as_the_bare_process(deployment):
     contained = _predict_all(deployment["a"].base, payloads)
     assert len(bare) == len(contained) >= 10
     assert all(a.keys() == b.keys() for a, b in zip(bare, contained))
-
-    def label_and_lead(scores: dict[str, float]) -> tuple[str, float]:
-        ranked = sorted(scores.items(), key=lambda kv: kv[1], reverse=True)
-        return ranked[0][0], ranked[0][1] - ranked[1][1]
-
-    pairs = [(label_and_lead(a), label_and_lead(b)) for a, b in zip(bare, contained)]
-    same = sum(a[0] == b[0] for a, b in pairs)
-    clear_flips = [(i, a, b) for i, (a, b) in enumerate(pairs) if a[0] != b[0] and a[1] >= CLEAR_MARGIN]
-    shift = sum(abs(a[1] - b[1]) for a, b in pairs) / len(pairs)
-    print(f"\n[container] {same}/{len(pairs)} labels equal to the bare process's, leads moved {shift:.4f} on average")
-    assert not clear_flips, f"labels led by >= CLEAR_MARGIN {CLEAR_MARGIN} changed: {clear_flips}"
+    labels = list(bare[0])
+    c = compare_labels(*(leads([[s[k] for k in labels] for s in run], labels) for run in (bare, contained)))
+    same, shift = len(bare) - c["changed"], c["margin_shift"]
+    print(f"\n[container] {same}/{len(bare)} labels equal to the bare process's, leads moved {shift:.4f} on average")
+    assert not c["clear_flips"], f"labels led by >= CLEAR_MARGIN {CLEAR_MARGIN} changed: {c['clear_flips']}"
     assert shift <= MARGIN_SHIFT_BOUND, f"leads moved {shift:.4f} on average, over {MARGIN_SHIFT_BOUND}"
 
 

@@ -22,6 +22,7 @@ import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,22 +136,39 @@ def sample_runs() -> list[tuple[str, str, str]]:
 def utterance_figures(report: dict[str, Any]) -> dict[str, Any]:
     """What the card records of one sample run: its figures, and each utterance's served label
     and the lead of that label's calibrated probability over the runner-up."""
-    served = np.asarray(report["served"], dtype=np.float64)
-    top2 = np.sort(served, axis=1)[:, -2:]
-    labels = report["labels"]
     return {
         "count": report["count"],
         "weighted_f1": round(report["weighted_f1"], 2),
         "accuracy": round(report["accuracy"], 2),
         "ece": round(report["ece"], 4),
+        **leads(report["served"], report["labels"]),
+    }
+
+
+def leads(served: Any, labels: Sequence[str]) -> dict[str, list]:
+    """Each utterance's served label (``predicted``) and its probability's lead over the
+    runner-up (``margins``), from one row of probabilities per utterance."""
+    served = np.asarray(served, dtype=np.float64)
+    top2 = np.sort(served, axis=1)[:, -2:]
+    return {
         "predicted": [labels[i] for i in served.argmax(axis=1)],
         "margins": [round(float(m), 3) for m in top2[:, 1] - top2[:, 0]],
     }
 
 
 def compare(recorded: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
-    """How a sample run stands against the recorded one: label agreement, the labels that
-    changed although recorded with a clear margin, and the figures' differences."""
+    """How a sample run stands against the recorded one: :func:`compare_labels`, and the
+    figures' differences."""
+    return {
+        **compare_labels(recorded, measured),
+        "weighted_f1_delta": round(measured["weighted_f1"] - recorded["weighted_f1"], 2),
+        "ece_delta": round(measured["ece"] - recorded["ece"], 4),
+    }
+
+
+def compare_labels(recorded: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+    """Two runs' :func:`leads` on the same utterances: label agreement, the labels that changed
+    although recorded with a clear margin, and the mean change of the leads."""
     if len(recorded["predicted"]) != len(measured["predicted"]):
         raise ValueError(
             f"the sample has {len(measured['predicted'])} utterances, the record {len(recorded['predicted'])}: "
@@ -162,8 +180,6 @@ def compare(recorded: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any
         "agreement": same / len(pairs),
         "changed": len(pairs) - same,
         "clear_flips": [(i, a, b, m) for i, (a, b, m) in enumerate(pairs) if a != b and m >= CLEAR_MARGIN],
-        "weighted_f1_delta": round(measured["weighted_f1"] - recorded["weighted_f1"], 2),
-        "ece_delta": round(measured["ece"] - recorded["ece"], 4),
         "margin_shift": round(float(np.mean(np.abs(np.subtract(measured["margins"], recorded["margins"])))), 4),
     }
 
