@@ -67,8 +67,9 @@ def test_training_throughput_is_the_median_step_rate_across_a_resume():
 def test_cross_fitted_calibration_never_sees_the_dialogues_it_calibrates():
     """A label the engine under-predicts in one fold only: a fit on that fold itself would
     correct it there; the cross-fitted one, fitted on the other fold, must not."""
+    from training.evaluate import cross_fitted
+
     rng = np.random.default_rng(0)
-    labels = ("a", "b")
     n = 400
     gold = rng.integers(0, 2, n).tolist()
     folds = [0] * (n // 2) + [1] * (n // 2)
@@ -77,7 +78,7 @@ def test_cross_fitted_calibration_never_sees_the_dialogues_it_calibrates():
     for i in range(n // 2, n):
         if gold[i] == 1:
             probs[i] = [0.6, 0.4]
-    out = study.cross_fitted(probs, gold, folds, labels)
+    out = cross_fitted(probs, gold, folds)
     assert out.shape == probs.shape and np.allclose(out.sum(axis=1), 1)
     fold0 = slice(0, n // 2)
     # Fold 0 was calibrated by fold 1's fit, which pushes towards "b": still right on fold 0's "b"s.

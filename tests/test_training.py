@@ -688,3 +688,82 @@ def test_paired_bootstrap_resamples_whole_dialogues_and_brackets_the_change():
     assert worse["change"] == -better["change"] and worse["high"] <= 0
     with pytest.raises(ValueError, match="same utterances"):
         paired_bootstrap(gold, gold, gold[:-1], sizes, labels)
+
+
+def _lora_adapter(path: Path, rank: int, alpha: int, seed: int, name: str, temperature: float = 1.0) -> Path:
+    from safetensors.torch import save_file
+
+    from service.spec import Calibration
+
+    generator = torch.Generator().manual_seed(seed)
+    path.mkdir(parents=True)
+    tensors = {}
+    for layer in (0, 1):
+        for module, (out_features, in_features) in {"q_proj": (6, 4), "down_proj": (4, 8)}.items():
+            prefix = f"base_model.model.model.layers.{layer}.mlp.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator)
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "weights/base",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": ["q_proj", "down_proj"],
+        "layers_to_transform": [0, 1],
+    }
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    spec = ServingSpec(model_name=name)
+    spec.label_sets["meld"].calibration = Calibration(bias=[0.0] * 7, temperature=temperature, fitted_on="x")
+    spec.save(path)
+    return path
+
+
+def _updates(path: Path) -> dict[str, torch.Tensor]:
+    """Each module's merged LoRA update, scale * B @ A."""
+    from safetensors.torch import load_file
+
+    config = json.loads((path / "adapter_config.json").read_text())
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    scale = config["lora_alpha"] / config["r"]
+    return {
+        key.replace(".lora_A.weight", ""): scale * tensors[key.replace("lora_A", "lora_B")] @ tensors[key]
+        for key in tensors
+        if ".lora_A." in key
+    }
+
+
+def test_adapter_soup_is_exactly_the_weighted_mean_of_the_updates(tmp_path):
+    from training.soup import average_adapters
+
+    first = _lora_adapter(tmp_path / "a", rank=4, alpha=8, seed=1, name="a", temperature=0.9)
+    second = _lora_adapter(tmp_path / "b", rank=2, alpha=4, seed=2, name="b", temperature=1.2)
+    out = average_adapters([first, second], tmp_path / "soup", shares=[0.25, 0.75])
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 6 and config["lora_alpha"] == 12
+    got, a, b = _updates(out), _updates(first), _updates(second)
+    assert set(got) == set(a) and len(got) == 4
+    for key in got:
+        assert torch.allclose(got[key], 0.25 * a[key] + 0.75 * b[key], atol=1e-5), key
+    spec = ServingSpec.load(out)
+    # Neither input's calibration fits the soup: it is calibrated afresh.
+    assert spec.model_name == "soup" and spec.label_sets["meld"].calibration is None
+
+
+def test_adapter_soup_refuses_adapters_that_do_not_average(tmp_path):
+    from training.soup import average_adapters
+
+    first = _lora_adapter(tmp_path / "a", rank=4, alpha=8, seed=1, name="a")
+    other_scale = _lora_adapter(tmp_path / "b", rank=4, alpha=16, seed=2, name="b")
+    with pytest.raises(ValueError, match=r"b: lora_alpha / r is 4.0"):
+        average_adapters([first, other_scale], tmp_path / "soup")
+    window = _lora_adapter(tmp_path / "c", rank=4, alpha=8, seed=3, name="c")
+    spec = ServingSpec.load(window)
+    spec.label_sets["meld"].window = 5
+    spec.save(window)
+    with pytest.raises(ValueError, match=r"c: erc.json differs"):
+        average_adapters([first, window], tmp_path / "soup")
+    with pytest.raises(ValueError, match="summing to 1"):
+        average_adapters([first, first], tmp_path / "soup", shares=[0.5, 0.6])
+    assert not (tmp_path / "soup").exists()

@@ -3,11 +3,16 @@ paired bootstrap interval over dialogues (the unit the splits were drawn in; an 
 label leans on its dialogue's other turns).
 
     python -m training.compare gemma3-270m-erc3b gemma3-270m-erc3c [--split test] [--out reports/compare]
+    python -m training.compare gemma3-270m-erc3c gemma3-270m-erc3d --split valid --cross-fitted
 
 Both models run through the serving path (``erc evaluate``'s, at the engine's precision), one
 after the other on this host, so that a bfloat16 comparison is not a comparison of two CPUs. The
-served (calibrated) labels and the engine's own (``raw``) are compared; each model's labels are
-kept in ``--out`` and reused by a later run with the same models, split and precision.
+served (calibrated) labels and the engine's own (``raw``) are compared; with ``--cross-fitted``
+also the labels of a calibration fitted afresh, two-fold cross-fitted by dialogue (``cross-fitted``:
+each fold calibrated by a fit on the other), which is how a dev comparison sees what calibration
+does to dialogues it was not fitted on (the served labels on dev are the calibration's own
+training set). Each model's labels and distributions are kept in ``--out`` and reused by a later
+run with the same models, split and precision.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 from service.data import default_source, load_split
 from service.settings import Settings
 from training.card import CARD_DATASETS
+from training.evaluate import cross_fitted, dialogue_folds
 
 
 def paired_bootstrap(
@@ -74,7 +80,9 @@ def _labels_of(model: str, split: str, settings: Settings, out: Path) -> dict[st
 
     cache = out / f"{model}-{split}-{resolve_dtype(settings.dtype)}-labels.json"
     if cache.is_file():
-        return json.loads(cache.read_text())
+        cached = json.loads(cache.read_text())
+        if all("distributions" in r for r in cached.values()):
+            return cached
     runs = [(name, split, default_source(name)) for name in CARD_DATASETS]
     reports = asyncio.run(evaluate_async(settings.weights_root / model, runs, settings, out / model))
     result: dict[str, Any] = {}
@@ -86,9 +94,18 @@ def _labels_of(model: str, split: str, settings: Settings, out: Path) -> dict[st
             "gold": r["gold"],
             "served": [labels[i] for i in np.asarray(r["served"]).argmax(axis=1)],
             "raw": [labels[i] for i in np.asarray(r["distributions"]).argmax(axis=1)],
+            "distributions": r["distributions"],
         }
     cache.write_text(json.dumps(result))
     return result
+
+
+def cross_fitted_labels(run: dict[str, Any], folds: list[int]) -> list[str]:
+    """The labels of ``run``'s engine distributions under a two-fold cross-fitted calibration."""
+    labels = run["labels"]
+    gold = [labels.index(g) for g in run["gold"]]
+    calibrated = cross_fitted(np.asarray(run["distributions"], dtype=np.float64), gold, folds)
+    return [labels[i] for i in calibrated.argmax(axis=1)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,16 +115,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="test", choices=("valid", "test"))
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("reports/compare"))
+    parser.add_argument(
+        "--cross-fitted",
+        action="store_true",
+        help="also compare the labels of a two-fold cross-fitted calibration (on dev the served ones fit dev itself)",
+    )
     args = parser.parse_args(argv)
     settings = Settings()
     args.out.mkdir(parents=True, exist_ok=True)
     first, second = (_labels_of(m, args.split, settings, args.out) for m in (args.first, args.second))
+    kinds = ("served", "raw", "cross-fitted") if args.cross_fitted else ("served", "raw")
     for name in CARD_DATASETS:
-        sizes = [len(d.turns) for d in load_split(settings.data_dir, name, args.split, default_source(name))]
+        dialogues = load_split(settings.data_dir, name, args.split, default_source(name))
+        sizes = [len(d.turns) for d in dialogues]
         a, b = first[name], second[name]
         if a["gold"] != b["gold"]:
             raise SystemExit(f"{name}: the two runs labelled different utterances")
-        for kind in ("served", "raw"):
+        if args.cross_fitted:
+            folds = dialogue_folds(name, dialogues)
+            for run in (a, b):
+                run["cross-fitted"] = cross_fitted_labels(run, folds)
+        for kind in kinds:
             r = paired_bootstrap(a["gold"], a[kind], b[kind], sizes, a["labels"], args.resamples)
             print(
                 f"{name} {args.split} {kind} ({a['precision']} / {b['precision']}): {args.first} {r['first']:.2f}, "

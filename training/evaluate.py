@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -53,6 +54,28 @@ def _metrics(gold: list[str], probs: np.ndarray, labels: tuple[str, ...]) -> dic
     result["ece"] = expected_calibration_error(probs, [labels.index(g) for g in gold])
     result["mean_confidence"] = float(probs.max(axis=1).mean())
     return result
+
+
+def dialogue_folds(dataset: str, dialogues: list[Dialogue]) -> list[int]:
+    """Each utterance's fold (0 or 1) for two-fold cross-fitting: fixed per dialogue by a hash of
+    ``<dataset>/<dialogue id>``, so that a dialogue's turns are never split between folds."""
+    return [hashlib.sha256(f"{dataset}/{d.id}".encode()).digest()[0] % 2 for d in dialogues for _ in d.turns]
+
+
+def cross_fitted(probs: np.ndarray, gold: list[int], folds: list[int]) -> np.ndarray:
+    """Calibrated distributions where each fold's were calibrated (``service.calibration.fit``:
+    bias and temperature, as ``erc calibrate``) by a fit on the other fold only: a calibrated dev
+    figure that was not fitted on the utterances it scores."""
+    from service.calibration import apply_many, fit
+
+    out = np.empty_like(probs)
+    f = np.asarray(folds)
+    g = np.asarray(gold)
+    for k in (0, 1):
+        held = f == k
+        cal = fit(probs[~held].tolist(), g[~held].tolist())
+        out[held] = apply_many(probs[held], cal)
+    return out
 
 
 async def evaluate_async(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import statistics
@@ -153,25 +152,6 @@ def merge(candidate: str, settings: Settings) -> Path:
     return merge_adapter(base, last, merged_dir(candidate))
 
 
-def _fold(dataset: str, dialogue_id: str) -> int:
-    return hashlib.sha256(f"{dataset}/{dialogue_id}".encode()).digest()[0] % 2
-
-
-def cross_fitted(probs: np.ndarray, gold: list[int], folds: list[int], labels: tuple[str, ...]) -> np.ndarray:
-    """Calibrated distributions where each dialogue's were calibrated by a fit on the other
-    fold's dialogues only: a calibrated dev figure that was not fitted on itself."""
-    from service.calibration import apply_many, fit
-
-    out = np.empty_like(probs)
-    f = np.asarray(folds)
-    g = np.asarray(gold)
-    for k in (0, 1):
-        held = f == k
-        cal = fit(probs[~held].tolist(), g[~held].tolist())
-        out[held] = apply_many(probs[held], cal)
-    return out
-
-
 def evaluate(candidate: str, settings: Settings) -> dict[str, Any]:
     """All of dev of the three label sets through the serving path (engine, template, retrieval,
     constrained decoding): weighted F1 uncalibrated and calibrated (two-fold cross-fitted by
@@ -180,7 +160,7 @@ def evaluate(candidate: str, settings: Settings) -> dict[str, Any]:
     from service.evaluation import scores
     from service.labels import DATASET_LABEL_SET, LABEL_SETS
     from service.spec import ServingSpec
-    from training.evaluate import evaluate_async, store_calibration
+    from training.evaluate import cross_fitted, dialogue_folds, evaluate_async, store_calibration
 
     model_dir = merged_dir(candidate)
     if not (model_dir / "erc.json").is_file():
@@ -193,10 +173,10 @@ def evaluate(candidate: str, settings: Settings) -> dict[str, Any]:
         dataset = report["dataset"]
         labels = LABEL_SETS[DATASET_LABEL_SET[dataset]]
         dialogues = load_split(settings.data_dir, dataset, "valid", default_source(dataset))
-        folds = [_fold(dataset, d.id) for d in dialogues for _ in d.turns]
+        folds = dialogue_folds(dataset, dialogues)
         gold = [labels.index(g) for g in report["gold"]]
         probs = np.asarray(report["distributions"], dtype=np.float64)
-        calibrated = cross_fitted(probs, gold, folds, labels)
+        calibrated = cross_fitted(probs, gold, folds)
         cal_f1 = scores(report["gold"], [labels[i] for i in calibrated.argmax(axis=1)], labels)["weighted_f1"]
         spec.label_sets[DATASET_LABEL_SET[dataset]].calibration = fit(
             probs.tolist(), gold, f"{dataset} valid, {len(gold)} utterances, {report['precision']} engine"
