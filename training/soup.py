@@ -84,7 +84,7 @@ def average_adapters(adapters: Sequence[Path], out: Path, shares: Sequence[float
     out.mkdir(parents=True, exist_ok=True)
     save_file(merged, str(out / ADAPTER_WEIGHTS))
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    spec = specs[0].model_copy(update={"model_name": out.name})
+    spec = specs[0].model_copy(update={"model_name": out.name}, deep=True)
     for label_set in spec.label_sets.values():
         label_set.calibration = label_set.calibration_int8 = None
     spec.save(out)
