@@ -690,6 +690,43 @@ def test_paired_bootstrap_resamples_whole_dialogues_and_brackets_the_change():
         paired_bootstrap(gold, gold, gold[:-1], sizes, labels)
 
 
+def test_compare_reuses_cached_labels_only_while_the_calibration_is_unchanged(tmp_path, monkeypatch):
+    import training.evaluate
+    from service.settings import Settings
+    from training.compare import _labels_of
+
+    model = tmp_path / "weights" / "m"
+    model.mkdir(parents=True)
+    (model / "erc.json").write_text('{"calibration": 1}')
+    settings = Settings(weights_root=tmp_path / "weights", dtype="float32")
+    runs = []
+
+    async def evaluate(model_dir, wanted, *args, **kwargs):
+        runs.append(model_dir)
+        return [
+            {"dataset": name, "labels": ["a", "b"], "precision": "float32", "gold": ["a"], "served": [[0.2, 0.8]],
+             "distributions": [[0.6, 0.4]]}
+            for name, _, _ in wanted
+        ]  # fmt: skip
+
+    monkeypatch.setattr(training.evaluate, "evaluate_async", evaluate)
+    first = _labels_of("m", "valid", settings, tmp_path)
+    assert runs == [model] and first["meld"]["served"] == ["b"] and first["meld"]["raw"] == ["a"]
+    assert _labels_of("m", "valid", settings, tmp_path) == first and len(runs) == 1
+    # A new calibration changes the served labels: the cache must not answer for it.
+    (model / "erc.json").write_text('{"calibration": 2}')
+    _labels_of("m", "valid", settings, tmp_path)
+    assert len(runs) == 2
+    # A cache without distributions answers only a run that does not need them.
+    cache = next(tmp_path.glob("m-valid-*-labels.json"))
+    cached = json.loads(cache.read_text())
+    stripped = {k: {f: v for f, v in r.items() if f != "distributions"} for k, r in cached.items()}
+    cache.write_text(json.dumps(stripped))
+    assert _labels_of("m", "valid", settings, tmp_path, distributions=False) == stripped and len(runs) == 2
+    _labels_of("m", "valid", settings, tmp_path)
+    assert len(runs) == 3
+
+
 def _lora_adapter(path: Path, rank: int, alpha: int, seed: int, name: str, temperature: float = 1.0) -> Path:
     from safetensors.torch import save_file
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -72,19 +73,24 @@ def paired_bootstrap(
     }
 
 
-def _labels_of(model: str, split: str, settings: Settings, out: Path) -> dict[str, Any]:
+def _labels_of(model: str, split: str, settings: Settings, out: Path, distributions: bool = True) -> dict[str, Any]:
     """The model's served and raw labels on each card dataset's split (cached in ``out``, per
-    precision: a float32 run must not reuse a bfloat16 run's labels)."""
+    precision: a float32 run must not reuse a bfloat16 run's labels). A cache without the
+    distributions serves only a run that does not need them (``distributions=False``)."""
     from service.devices import resolve_dtype
     from training.evaluate import evaluate_async
 
+    model_dir = settings.weights_root / model
+    # The served labels follow the calibration in erc.json: a cache of an earlier calibration is stale.
+    served_with = hashlib.sha256((model_dir / "erc.json").read_bytes()).hexdigest()
     cache = out / f"{model}-{split}-{resolve_dtype(settings.dtype)}-labels.json"
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if all("distributions" in r for r in cached.values()):
+        fresh = all(r.get("erc_json_sha256") == served_with for r in cached.values())
+        if fresh and (not distributions or all("distributions" in r for r in cached.values())):
             return cached
     runs = [(name, split, default_source(name)) for name in CARD_DATASETS]
-    reports = asyncio.run(evaluate_async(settings.weights_root / model, runs, settings, out / model))
+    reports = asyncio.run(evaluate_async(model_dir, runs, settings, out / model))
     result: dict[str, Any] = {}
     for r in reports:
         labels = r["labels"]
@@ -95,6 +101,7 @@ def _labels_of(model: str, split: str, settings: Settings, out: Path) -> dict[st
             "served": [labels[i] for i in np.asarray(r["served"]).argmax(axis=1)],
             "raw": [labels[i] for i in np.asarray(r["distributions"]).argmax(axis=1)],
             "distributions": r["distributions"],
+            "erc_json_sha256": served_with,
         }
     cache.write_text(json.dumps(result))
     return result
@@ -123,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = Settings()
     args.out.mkdir(parents=True, exist_ok=True)
-    first, second = (_labels_of(m, args.split, settings, args.out) for m in (args.first, args.second))
+    need = args.cross_fitted
+    first, second = (_labels_of(m, args.split, settings, args.out, need) for m in (args.first, args.second))
     kinds = ("served", "raw", "cross-fitted") if args.cross_fitted else ("served", "raw")
     for name in CARD_DATASETS:
         dialogues = load_split(settings.data_dir, name, args.split, default_source(name))
