@@ -287,12 +287,20 @@ def test_the_card_bounds_widen_only_to_what_the_records_own_rerun_moved():
     assert [p for p in card.problems(recorded, spread) if "MARGIN_SHIFT_BOUND" in p]
     clear = {**flipped, "predicted": flipped["predicted"][:-1] + ["b"]}
     assert [p for p in card.problems(recorded, clear, moved) if "CLEAR_MARGIN" in p]
-    # A bfloat16 record checked on the other kernel family: only the agreement widens, never past
-    # what the record's own re-run allows, and a clearly led label still may not change.
-    near = {**flipped, "ece": recorded["ece"]}
+    # A bfloat16 record checked on the other kernel family: only the agreement and the weighted F1
+    # bound widen, never below what the record's own re-run allows, and a clearly led label still
+    # may not change.
+    near = {**flipped, "ece": recorded["ece"], "weighted_f1": recorded["weighted_f1"] - 2.0}
     assert [p for p in card.problems(recorded, near) if "under 98.0%" in p]
+    assert [p for p in card.problems(recorded, near) if "weighted F1 moved -2.00, over 1.50" in p]
     assert card.problems(recorded, near, other_kernels=True) == []
-    assert card.bounds(recorded, other_kernels=True) == {**card.bounds(recorded), "agreement": 0.95}
+    far = {**near, "weighted_f1": recorded["weighted_f1"] - 3.5}
+    assert [p for p in card.problems(recorded, far, other_kernels=True) if "weighted F1 moved -3.50, over 3.00" in p]
+    assert card.bounds(recorded, other_kernels=True) == {
+        **card.bounds(recorded),
+        "agreement": 0.95,
+        "weighted_f1": card.OTHER_KERNELS_WEIGHTED_F1,
+    }
     assert card.bounds(recorded, moved, other_kernels=True)["agreement"] == pytest.approx(0.95)
     assert [
         p

@@ -74,10 +74,15 @@ ECE_BOUND = 0.04
 #: LABEL_AGREEMENT on a host of the other bfloat16 kernel family than the one the bfloat16 sample
 #: was recorded on (AMX tiles against AVX-512 BF16 dot products, :func:`kernel_family`): their
 #: kernels round differently and flip more near-ties than a re-run in other batches does. Only
-#: this bound widens: no clearly led label may change, and weighted F1, the leads and ECE keep
-#: their bounds, so a change of the serving path still fails. The card gives the run it was set
-#: from.
+#: this bound and OTHER_KERNELS_WEIGHTED_F1 widen: no clearly led label may change, and the leads
+#: and ECE keep their bounds, so a change of the serving path or of the model still fails (another
+#: model changes labels with a clear margin and moves the leads several times MARGIN_SHIFT_BOUND).
+#: The cards give the runs they were set from.
 OTHER_KERNELS_AGREEMENT = 0.95
+#: WEIGHTED_F1_BOUND on the other kernel family: the flips OTHER_KERNELS_AGREEMENT admits (up to
+#: 5% of about 250 utterances) can move a sample's weighted F1 by several points when they lean
+#: one way, as 8 near-tie flips on EmoryNLP's sample did (-1.89) for the served default's record.
+OTHER_KERNELS_WEIGHTED_F1 = 3.0
 #: How far the bounds widen for a model whose own record shows larger batch effects: when the
 #: recorded sample, run again in other batches on the recording host (``--compare-chunk``), moved
 #: more than the bounds above allow, another host may move it as much again, so each bound
@@ -197,7 +202,8 @@ def bounds(
     """The card test's bounds for one sample: the fixed ones, each widened to STABILITY_FACTOR
     times what the record's own re-run in other batches moved (``stability``, that dataset's entry
     of the record's ``stability``), where that is more; ``other_kernels`` (a bfloat16 record
-    checked on a CPU of the other kernel family) widens the agreement to OTHER_KERNELS_AGREEMENT."""
+    checked on a CPU of the other kernel family) widens the agreement to OTHER_KERNELS_AGREEMENT
+    and the weighted F1 bound to OTHER_KERNELS_WEIGHTED_F1."""
     out = {
         "agreement": LABEL_AGREEMENT,
         "weighted_f1": WEIGHTED_F1_BOUND,
@@ -213,6 +219,7 @@ def bounds(
         out["margin_shift"] = max(MARGIN_SHIFT_BOUND, STABILITY_FACTOR * stability.get("margin_shift", 0.0))
     if other_kernels:
         out["agreement"] = min(out["agreement"], OTHER_KERNELS_AGREEMENT)
+        out["weighted_f1"] = max(out["weighted_f1"], OTHER_KERNELS_WEIGHTED_F1)
     return out
 
 
@@ -237,7 +244,8 @@ def problems(
     if abs(c["weighted_f1_delta"]) > b["weighted_f1"]:
         out.append(
             f"weighted F1 moved {c['weighted_f1_delta']:+.2f}, over {b['weighted_f1']:.2f} "
-            f"(WEIGHTED_F1_BOUND {WEIGHTED_F1_BOUND}, or the record's re-run x STABILITY_FACTOR)"
+            f"(WEIGHTED_F1_BOUND {WEIGHTED_F1_BOUND}, OTHER_KERNELS_WEIGHTED_F1 {OTHER_KERNELS_WEIGHTED_F1} "
+            "on the other bfloat16 kernel family, or the record's re-run x STABILITY_FACTOR)"
         )
     if abs(c["ece_delta"]) > b["ece"]:
         out.append(

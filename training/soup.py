@@ -1,7 +1,7 @@
 """Weight averaging of LoRA adapters trained from one another (a "model soup"): one adapter
 whose merged weights are exactly the weighted mean of the inputs' merged weights.
 
-    python -m training.soup weights/adapters/gemma3-270m-erc3c \\
+    python -m training.soup training/candidates/gemma3-270m-erc3c \\
         training/candidates/gemma3-270m-erc3d --out training/candidates/gemma3-270m-erc3cd
 
 LoRA adds ``scale * B @ A`` to a weight. The mean of two such updates is one LoRA update of the
