@@ -130,8 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = Settings()
     args.out.mkdir(parents=True, exist_ok=True)
-    need = args.cross_fitted
-    first, second = (_labels_of(m, args.split, settings, args.out, need) for m in (args.first, args.second))
+    # Only the cross-fitted labels need the engine's distributions; an older cache without them serves the rest.
+    first, second = (
+        _labels_of(model, args.split, settings, args.out, distributions=args.cross_fitted)
+        for model in (args.first, args.second)
+    )
     kinds = ("served", "raw", "cross-fitted") if args.cross_fitted else ("served", "raw")
     for name in CARD_DATASETS:
         dialogues = load_split(settings.data_dir, name, args.split, default_source(name))
